@@ -1,0 +1,18 @@
+# TransferLab: `make run` opens the app on the built-in digits data, `make test` runs the tests.
+# Both create .venv with Python 3.10 and install everything first (scripts/setup.sh).
+.PHONY: setup run test bench screenshots
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	.venv/bin/transferlab $(ARGS)
+
+test: setup
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	.venv/bin/python benchmarks/ui_latency.py
+
+screenshots: setup
+	.venv/bin/python scripts/screenshots.py

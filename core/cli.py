@@ -1,0 +1,320 @@
+"""The headless command line: `transferlab train | runs | compare | tui`.
+
+Flags are built from the RunConfig fields (core.config), like the TUI's form. Invalid flags or
+values print one line per problem and exit with code 2; no traceback reaches the user.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from core import config as C
+from core import events as ev
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
+EXIT_CODES = {ev.COMPLETED: EXIT_OK, ev.STOPPED: EXIT_STOPPED, ev.ABORTED: EXIT_ABORTED,
+              ev.FAILED: EXIT_FAILED}
+
+TuiLauncher = Callable[[C.RunConfig, List[str]], int]
+
+
+class UsageError(Exception):
+    def __init__(self, problems: List[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit itself
+        raise UsageError([message])
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (values parsed by core.config), plus --config FILE."""
+    parser.add_argument("--config", metavar="FILE", help="read settings from a .toml or .json preset "
+                        "(flags given as well override it)")
+    for name, f in C.FIELDS.items():
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if C.field_type(name) is bool:
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(flag(name), dest=name, action="store_const", const="yes", help=help_text)
+            group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="no",
+                               help=f"turn {name} off")
+        else:
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            parser.add_argument(flag(name), dest=name, metavar=metavar, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[C.RunConfig] = None) -> C.RunConfig:
+    """The RunConfig the flags describe (over --config and `base`); raises UsageError listing every
+    problem."""
+    problems: List[str] = []
+    cfg = base or C.RunConfig()
+    if getattr(args, "config", None):
+        try:
+            cfg = C.load(args.config, cfg)
+        except C.ConfigError as exc:
+            problems.extend(exc.problems)
+    given: Dict[str, Any] = {n: getattr(args, n) for n in C.FIELDS if getattr(args, n, None) is not None}
+    try:
+        cfg = C.from_mapping(given, cfg)
+    except C.ConfigError as exc:
+        problems.extend(exc.problems)
+    if not problems:
+        problems = C.validate(cfg)
+    if problems:
+        raise UsageError([_as_flag(p) for p in problems])
+    return cfg
+
+
+def _as_flag(problem: str) -> str:
+    """"lr must be ..." -> "--lr must be ..." (messages start with the field they are about)."""
+    first, _, rest = problem.partition(" ")
+    return f"{flag(first)} {rest}" if first in C.FIELDS else problem
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="transferlab", description="Transfer learning of image classifiers with "
+                     "OneFlow and FlowVision. With no command, opens the terminal UI.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    train = sub.add_parser("train", help="train one run headless, with a progress bar")
+    add_config_flags(train)
+    tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
+    add_config_flags(tui)
+    runs = sub.add_parser("runs", help="list the runs in the runs folder")
+    runs.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    compare = sub.add_parser("compare", help="compare runs' final test accuracy, as in the tutorial")
+    compare.add_argument("runs", nargs="*", metavar="RUN",
+                         help="run ids (or unique parts of them); default: the newest run of each strategy")
+    compare.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = _console(stderr=True)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["tui", *argv]
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_OK
+        if args.command == "runs":
+            return cmd_runs(args.runs_dir)
+        if args.command == "compare":
+            return cmd_compare(args.runs_dir, args.runs)
+        cfg = config_from_args(args)
+    except UsageError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error:[/red] {problem}", markup=True)
+        err.print("run [bold]transferlab COMMAND --help[/bold] for the flags")
+        return EXIT_USAGE
+    if args.command == "tui":
+        if launch_tui is None:
+            err.print("error: the terminal UI is not available in this installation; use transferlab train")
+            return EXIT_FAILED
+        return launch_tui(cfg, [a for a in argv[1:]])
+    return cmd_train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console; when the output is not a terminal, wide enough that tables keep their
+    columns and lines are not broken."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, soft_wrap=not stream.isatty(),
+                   width=None if stream.isatty() else 200)
+
+
+def cmd_train(cfg: C.RunConfig) -> int:
+
+    from core.backend import DeviceError
+    from core.data import DataError
+    from core.models import WeightsError
+    from core.trainer import RunControl, prepare, train
+
+    console, err = _console(), _console(stderr=True)
+    control = RunControl()
+    with console.status("loading data and model..."):
+        try:
+            prepared = prepare(cfg)
+        except (DeviceError, DataError, WeightsError, C.ConfigError) as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+            return EXIT_FAILED
+    presses = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        presses.append(1)
+        if len(presses) == 1:
+            control.request_stop()
+            console.print("[yellow]Ctrl-C: stopping after this step and saving a checkpoint "
+                          "(Ctrl-C again to abort at once)[/yellow]")
+        else:
+            control.request_abort()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    progress = ProgressPrinter(console)
+    try:
+        result = train(cfg, [progress], control, prepared=prepared)
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous)
+    return EXIT_CODES[result.status]
+
+
+class ProgressPrinter:
+    """A listener drawing a rich progress bar per epoch and printing each epoch's results."""
+
+    def __init__(self, console: Any):
+        self.console = console
+        self.progress = None
+        self.task = None
+        self.epochs = 0
+
+    def __call__(self, event: ev.Event) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        c = self.console
+        if isinstance(event, ev.RunStarted):
+            cfg = event.config
+            self.epochs = cfg["epochs"]
+            c.print(f"[bold]run {event.run_id}[/bold]  {cfg['strategy']} {cfg['backbone']} on "
+                    f"{cfg['dataset']} ({event.train_size} train / {event.test_size} test images, "
+                    f"{event.num_classes} classes) on {event.device}")
+            c.print(f"trainable parameters {event.trainable_params:,} of {event.total_params:,}; "
+                    f"folder {event.run_dir}")
+            for note in event.notes:
+                c.print(f"[yellow]note:[/yellow] {note}")
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=c, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event.steps_per_epoch, epoch=1,
+                                               epochs=self.epochs, loss=float("nan"), rate=0.0)
+        elif isinstance(event, ev.StepEnded) and self.progress is not None:
+            self.progress.update(self.task, completed=event.step, epoch=event.epoch, loss=event.loss,
+                                 rate=event.images_per_sec)
+        elif isinstance(event, ev.EpochEnded) and self.progress is not None:
+            self.progress.console.print(
+                f"epoch {event.epoch}/{self.epochs}: train loss {event.train_loss:.4f} acc "
+                f"{event.train_acc:.4f} | test loss {event.test_loss:.4f} acc {event.test_acc:.4f} "
+                f"({event.seconds:.1f} s)")
+            self.progress.reset(self.task, epoch=min(event.epoch + 1, self.epochs), epochs=self.epochs,
+                                loss=float("nan"), rate=0.0)
+        elif isinstance(event, ev.RunFinished):
+            self.close()
+            colour = {ev.COMPLETED: "green", ev.STOPPED: "yellow"}.get(event.status, "red")
+            final = "n/a" if event.final_test_acc is None else f"{event.final_test_acc:.4f}"
+            best = "n/a" if event.best_test_acc is None else f"{event.best_test_acc:.4f}"
+            c.print(f"[{colour}]{event.status}[/{colour}] after {event.epochs_done} epoch(s) in "
+                    f"{event.seconds:.1f} s: final test accuracy {final} (best {best})"
+                    + (f" - {event.message}" if event.message else ""))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+# ---------------------------------------------------------------------------------------------
+# runs and compare
+
+
+def _fmt_acc(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def cmd_runs(runs_dir: str) -> int:
+    from rich.table import Table
+
+    from core.store import list_runs
+
+    console = _console()
+    runs = list_runs(runs_dir)
+    if not runs:
+        console.print(f"no runs in {runs_dir} yet: start one with transferlab train")
+        return EXIT_OK
+    table = Table("run", "strategy", "dataset", "backbone", "lr", "epochs", "best test acc", "status",
+                  "duration", title=f"runs in {runs_dir}")
+    for run in runs:
+        s, cfg = run.summary, run.config
+        lr = f"{cfg.lr:g}" + (f" / {cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
+        table.add_row(run.run_id, cfg.strategy, cfg.dataset, cfg.backbone, lr,
+                      f"{s.get('epochs_done', 0)}/{cfg.epochs}", _fmt_acc(s.get("best_test_acc")),
+                      str(s.get("status")), _fmt_duration(s.get("seconds")))
+    console.print(table)
+    return EXIT_OK
+
+
+def comparison_rows(runs: List[Any]) -> List[Dict[str, Any]]:
+    """The tutorial's comparison: per run, strategy and final test accuracy, and the difference to
+    the (newest) scratch run among them, if any."""
+    scratch = [r for r in runs if r.config.strategy == "scratch" and r.summary.get("final_test_acc") is not None]
+    base = scratch[-1].summary["final_test_acc"] if scratch else None
+    rows = []
+    for run in runs:
+        acc = run.summary.get("final_test_acc")
+        rows.append({"run": run.run_id, "strategy": run.config.strategy, "epochs": run.summary.get("epochs_done", 0),
+                     "final_test_acc": acc, "best_test_acc": run.summary.get("best_test_acc"),
+                     "vs_scratch": None if base is None or acc is None else acc - base,
+                     "status": run.summary.get("status")})
+    return rows
+
+
+def cmd_compare(runs_dir: str, refs: List[str]) -> int:
+    from rich.table import Table
+
+    from core.store import find_run, list_runs, read_run
+
+    console, err = _console(), _console(stderr=True)
+    if refs:
+        try:
+            runs = [read_run(find_run(runs_dir, ref)) for ref in refs]
+        except LookupError as exc:
+            err.print(f"error: {exc}")
+            return EXIT_USAGE
+    else:
+        newest: Dict[str, Any] = {}
+        for run in list_runs(runs_dir):
+            if run.summary.get("final_test_acc") is not None:
+                newest[run.config.strategy] = run
+        runs = list(newest.values())
+    if not runs:
+        console.print(f"no runs in {runs_dir} to compare")
+        return EXIT_OK
+    table = Table("strategy", "run", "epochs", "final test acc", "best test acc", "vs scratch", "status",
+                  title="transfer learning comparison")
+    for row in comparison_rows(runs):
+        diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
+        table.add_row(row["strategy"], row["run"], str(row["epochs"]), _fmt_acc(row["final_test_acc"]),
+                      _fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
+    console.print(table)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The run configuration: one frozen dataclass, its validation, and its file format.
+
+Every field carries its help text and (where it has one) its list of choices in the field's
+metadata. The CLI's flags and the TUI's form are both built from these fields, so they cannot
+drift. Defaults are the tutorial's values (ResNet-18, ImageNet weights, CIFAR-10 at 224 px, SGD
+lr 1e-3, momentum 0.9, weight decay 5e-4, batch 64, 3 epochs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+STRATEGIES = {
+    "finetune": "Train every layer from the ImageNet weights with one learning rate.",
+    "discriminative": "Train every layer: a small LR for the backbone, a larger one for the new head.",
+    "frozen": "Freeze the backbone (weights and BatchNorm statistics); train only the new head.",
+    "scratch": "No pretrained weights: random initialisation, every layer trains.",
+}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small")
+DATASETS = ("cifar10", "digits", "synthetic")  # plus "imagefolder:PATH"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _field(default: Any, help: str, choices: Optional[tuple] = None, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, **meta})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run."""
+
+    strategy: str = _field("finetune", "How to transfer: " + ", ".join(STRATEGIES), tuple(STRATEGIES))
+    """finetune | discriminative | frozen | scratch (see STRATEGIES)."""
+    dataset: str = _field("cifar10", "cifar10, digits (built in, offline), synthetic, or imagefolder:PATH")
+    """Which data to train on; imagefolder:PATH reads PATH/train and PATH/test (or PATH/val)."""
+    data_root: str = _field("./data", "Folder holding (or receiving) downloaded datasets")
+    """Where cifar10 looks for cifar-10-batches-py/ and downloads it when online."""
+    backbone: str = _field("resnet18", "FlowVision classification model", BACKBONES)
+    """The feature extractor; its classifier head is replaced for the dataset's classes."""
+    pretrained: str = _field("imagenet", "imagenet, none, or a path to a state-dict file/folder")
+    """Initial weights of the backbone (ignored by the scratch strategy, which never loads any)."""
+    epochs: int = _field(3, "Passes over the training set")
+    """Number of epochs; the test set is evaluated after each."""
+    batch_size: int = _field(64, "Images per optimizer step")
+    """Mini-batch size for training and evaluation."""
+    lr: float = _field(1e-3, "Learning rate (the head's, for discriminative)")
+    """SGD learning rate of finetune/frozen/scratch, and of the new head under discriminative."""
+    lr_backbone: float = _field(1e-4, "Backbone learning rate (discriminative only)")
+    """SGD learning rate of the pretrained backbone under the discriminative strategy."""
+    momentum: float = _field(0.9, "SGD momentum")
+    """SGD momentum, between 0 and 1."""
+    weight_decay: float = _field(5e-4, "SGD weight decay (L2)")
+    """L2 penalty applied by SGD to every trained parameter."""
+    image_size: int = _field(224, "Images are resized to this many pixels square")
+    """Side of the square the images are resized to on the device (224 for ImageNet models)."""
+    hflip: bool = _field(True, "Random horizontal flips while training")
+    """Flip each training image left-right with probability 1/2."""
+    vflip: bool = _field(True, "Random vertical flips while training")
+    """Flip each training image upside down with probability 1/2 (the tutorial does)."""
+    normalize: str = _field("imagenet", "Per-channel normalisation", ("imagenet", "none"))
+    """imagenet: subtract ImageNet's mean and divide by its std; none: scale to [0, 1] only."""
+    limit_train: int = _field(0, "Use only this many training images (0 = all)")
+    """A stratified subset of the training set, for quick runs; 0 uses all of it."""
+    limit_test: int = _field(0, "Use only this many test images (0 = all)")
+    """A stratified subset of the test set; 0 uses all of it."""
+    seed: int = _field(0, "Random seed (weights of the new head, shuffling, flips)")
+    """Seeds numpy and oneflow so that runs can be repeated."""
+    device: str = _field("auto", "auto (cuda when usable, else cpu), cpu or cuda", DEVICES)
+    """Where to train; auto checks that this OneFlow build can run on the GPU before using it."""
+    runs_dir: str = _field("./runs", "Folder that receives one subfolder per run")
+    """Run folders (config, metrics, summary, checkpoints) are created below it."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found, one per line."""
+
+    def __init__(self, problems: List[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def field_type(name: str) -> type:
+    default = FIELDS[name].default
+    return type(default)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Turn the text a person typed for field `name` into its typed value, or raise ValueError."""
+    kind = field_type(name)
+    text = text.strip()
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on", "y"):
+            return True
+        if low in ("0", "false", "no", "off", "n"):
+            return False
+        raise ValueError(f"{name} must be yes or no, got {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {text!r}") from None
+    return text
+
+
+def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> RunConfig:
+    """Build a config from a mapping of field names to values (typed, or text to parse).
+
+    Raises ConfigError naming every unknown key and every value of the wrong type.
+    """
+    problems: List[str] = []
+    typed: Dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            problems.append(f"unknown setting {key!r}; known: {', '.join(FIELDS)}")
+            continue
+        kind = field_type(name)
+        if isinstance(value, str) and kind is not str:
+            try:
+                value = parse_value(name, value)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            problems.append(f"{name} must be {kind.__name__}, got {value!r}")
+            continue
+        typed[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return (base or RunConfig()).replace(**typed)
+
+
+def validate(cfg: RunConfig) -> List[str]:
+    """Every problem with `cfg`, each a sentence a person can act on; empty when it is valid."""
+    problems: List[str] = []
+
+    def positive(name: str, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            problems.append(f"{name} must be a positive number, got {value}")
+
+    for name, meta in FIELDS.items():
+        choices = meta.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            problems.append(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    if cfg.dataset.startswith("imagefolder:"):
+        if not cfg.dataset[len("imagefolder:"):].strip():
+            problems.append("dataset imagefolder:PATH needs a folder, e.g. imagefolder:./flowers")
+    elif cfg.dataset not in DATASETS:
+        problems.append(f"dataset must be one of {', '.join(DATASETS)} or imagefolder:PATH, got {cfg.dataset!r}")
+    if not cfg.pretrained.strip():
+        problems.append("pretrained must be imagenet, none, or a path to a state-dict file or folder")
+    if cfg.epochs < 1 or cfg.epochs > 10_000:
+        problems.append(f"epochs must be between 1 and 10000, got {cfg.epochs}")
+    if cfg.batch_size < 1 or cfg.batch_size > 65_536:
+        problems.append(f"batch_size must be between 1 and 65536, got {cfg.batch_size}")
+    positive("lr", cfg.lr)
+    positive("lr_backbone", cfg.lr_backbone)
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        problems.append(f"momentum must be at least 0 and below 1, got {cfg.momentum}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        problems.append(f"weight_decay must be 0 or more, got {cfg.weight_decay}")
+    if cfg.image_size < 8 or cfg.image_size > 1024:
+        problems.append(f"image_size must be between 8 and 1024 pixels, got {cfg.image_size}")
+    for name in ("limit_train", "limit_test"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be 0 (all) or a positive count, got {getattr(cfg, name)}")
+    if cfg.seed < 0:
+        problems.append(f"seed must be 0 or more, got {cfg.seed}")
+    if not cfg.runs_dir.strip():
+        problems.append("runs_dir must name a folder")
+    return problems
+
+
+def check(cfg: RunConfig) -> RunConfig:
+    """Return `cfg` when valid, else raise ConfigError with every problem."""
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str | Path, base: Optional[RunConfig] = None) -> RunConfig:
+    """Read a config from a .toml or .json file (a preset, or a run's config.json)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomli
+
+            data = tomli.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError([f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path} must hold a table of settings"])
+    return from_mapping(data, base)
+
+
+def save(cfg: RunConfig, path: str | Path) -> Path:
+    """Write `cfg` to a .toml or .json file, atomically."""
+    from core.store import atomic_write_text
+
+    path = Path(path)
+    if path.suffix.lower() == ".toml":
+        import tomli_w
+
+        text = tomli_w.dumps(cfg.to_dict())
+    else:
+        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,270 @@
+"""Datasets as uint8 arrays, and the batched augment/resize/normalise pipeline on the device.
+
+Every loader returns an `ArrayData` (images N x H x W x 3 uint8, labels N int64, class names).
+Flips, resizing and normalisation run on whole batches as tensor ops on the training device,
+not per image in PIL: see `BatchTransform`.
+"""
+from __future__ import annotations
+
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class ArrayData:
+    images: np.ndarray
+    """N x H x W x 3, uint8."""
+    labels: np.ndarray
+    """N, int64 class indices."""
+    classes: List[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, limit: int, seed: int) -> "ArrayData":
+        """A stratified subset of `limit` items (self when limit is 0 or covers everything)."""
+        if limit <= 0 or limit >= len(self):
+            return self
+        idx = stratified_indices(self.labels, limit, seed)
+        return ArrayData(self.images[idx], self.labels[idx], self.classes)
+
+
+def stratified_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` indices drawn so that each class keeps its share (largest remainders), sorted."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * count / len(labels)
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: count - take.sum()]:
+        take[i] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def load_digits() -> Tuple[ArrayData, ArrayData]:
+    """scikit-learn's bundled 8x8 digits (1,797 images) as RGB, with a fixed stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    images = np.repeat(gray[..., None], 3, axis=3)
+    labels = bunch.target.astype(np.int64)
+    classes = [str(c) for c in range(10)]
+    test_idx = stratified_indices(labels, len(labels) // 5, seed=20240229)
+    train_mask = np.ones(len(labels), bool)
+    train_mask[test_idx] = False
+    return (
+        ArrayData(images[train_mask], labels[train_mask], classes),
+        ArrayData(images[test_idx], labels[test_idx], classes),
+    )
+
+
+def load_synthetic(n_train: int = 512, n_test: int = 128, size: int = 16, classes: int = 4,
+                   seed: int = 0) -> Tuple[ArrayData, ArrayData]:
+    """Generated images whose class is a colour and stripe pattern plus noise: learnable, tiny."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+
+    def make(n: int) -> ArrayData:
+        labels = rng.integers(0, classes, n)
+        base = np.zeros((n, size, size, 3), np.float32)
+        for c in range(classes):
+            sel = labels == c
+            stripes = ((xx if c % 2 else yy) // max(1, size // (2 + c))) % 2
+            base[sel, :, :, c % 3] = 180 * stripes + 40
+        noisy = base + rng.normal(0, 30, base.shape)
+        return ArrayData(np.clip(noisy, 0, 255).astype(np.uint8), labels.astype(np.int64),
+                         [f"class{c}" for c in range(classes)])
+
+    return make(n_train), make(n_test)
+
+
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    return np.ascontiguousarray(data), labels
+
+
+def download_cifar10(root: Path) -> None:
+    """Download and extract CIFAR-10 into `root` with FlowVision (needs internet)."""
+    from flowvision.datasets import CIFAR10
+
+    CIFAR10(root=str(root), train=True, download=True)
+
+
+def load_cifar10(root: str | Path, download: bool = True) -> Tuple[ArrayData, ArrayData]:
+    """CIFAR-10 from `root`/cifar-10-batches-py (the python-format batches).
+
+    When the folder is missing and `download` is true, FlowVision downloads it; offline this
+    fails with a message that says where to put the files.
+    """
+    root = Path(root).expanduser()
+    folder = root / CIFAR10_FOLDER
+    if not (folder / "test_batch").exists():
+        archive = root / "cifar-10-python.tar.gz"
+        if archive.exists():
+            with tarfile.open(archive) as tar:
+                tar.extractall(root)
+        elif download:
+            try:
+                download_cifar10(root)
+            except Exception as exc:  # URLError, socket errors, HTTP errors, bad archives
+                raise DataError(
+                    f"CIFAR-10 is not in {folder} and could not be downloaded ({exc}). "
+                    f"Download {CIFAR10_URL} on a machine with internet and put the archive in "
+                    f"{root} (or extract it there), or pick the built-in digits dataset."
+                ) from None
+        if not (folder / "test_batch").exists():
+            raise DataError(
+                f"CIFAR-10 is not in {folder}: put cifar-10-python.tar.gz from {CIFAR10_URL} "
+                f"in {root}, or pick the built-in digits dataset."
+            )
+    try:
+        parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+        test_x, test_y = _read_cifar_batch(folder / "test_batch")
+        with open(folder / "batches.meta", "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise DataError(f"CIFAR-10 files in {folder} are incomplete or damaged ({exc}); "
+                        f"delete the folder and download it again") from None
+    train = ArrayData(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
+    return train, ArrayData(test_x, test_y, classes)
+
+
+def cifar10_present(root: str | Path) -> bool:
+    root = Path(root).expanduser()
+    return (root / CIFAR10_FOLDER / "test_batch").exists() or (root / "cifar-10-python.tar.gz").exists()
+
+
+def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
+    from PIL import Image
+
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if (folder / name).is_dir() else []
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.uint8))
+            except OSError as exc:
+                raise DataError(f"cannot read image {path}: {exc}") from None
+            labels.append(index)
+    if not images:
+        raise DataError(f"no images found in {folder} (expected one subfolder of images per class)")
+    return ArrayData(np.stack(images), np.asarray(labels, np.int64), list(classes))
+
+
+def load_imagefolder(path: str | Path, size: int) -> Tuple[ArrayData, ArrayData]:
+    """PATH/train/<class>/*.png and PATH/test/<class>/ (or PATH/val/<class>/), read at `size` px."""
+    root = Path(path).expanduser()
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"imagefolder {root} needs a train/ folder and a test/ (or val/) folder, "
+                        f"each with one subfolder per class")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} must have at least two class subfolders, found {len(classes)}")
+    return _read_folder(train_dir, classes, size), _read_folder(test_dir, classes, size)
+
+
+def load_dataset(name: str, data_root: str, image_size: int, seed: int = 0,
+                 download: bool = True) -> Tuple[ArrayData, ArrayData]:
+    """The (train, test) pair for a config's dataset name."""
+    if name == "digits":
+        return load_digits()
+    if name == "synthetic":
+        return load_synthetic(seed=seed)
+    if name == "cifar10":
+        return load_cifar10(data_root, download=download)
+    if name.startswith("imagefolder:"):
+        return load_imagefolder(name[len("imagefolder:"):], image_size)
+    raise DataError(f"unknown dataset {name!r}")
+
+
+def batches(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index arrays covering range(n) in batches (the last one may be smaller)."""
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# On-device batch transform
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """Matrix M (out x in) such that M @ v resizes v bilinearly (half-pixel centres, like
+    `interpolate(mode="bilinear", align_corners=False)`). Two of them resize an image with two
+    matrix multiplies, which OneFlow runs far faster on CPU than its interpolate kernel."""
+    scale = in_size / out_size
+    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    src = np.clip(src, 0, in_size - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    m = np.zeros((out_size, in_size), np.float32)
+    m[np.arange(out_size), lo] += 1 - frac
+    m[np.arange(out_size), hi] += frac
+    return m
+
+
+class BatchTransform:
+    """uint8 NHWC numpy batch -> normalised float NCHW tensor of `size` px on `device`.
+
+    Training batches get random horizontal/vertical flips (each image with probability 1/2).
+    """
+
+    def __init__(self, flow, device: str, in_hw: Tuple[int, int], size: int, normalize: str,
+                 hflip: bool, vflip: bool):
+        self.flow, self.device, self.hflip, self.vflip = flow, device, hflip, vflip
+        h, w = in_hw
+        self.resize = (h, w) != (size, size)
+        if self.resize:
+            self.ah_t = flow.tensor(bilinear_matrix(size, h).T.copy(), device=device)
+            self.aw_t = flow.tensor(bilinear_matrix(size, w).T.copy(), device=device)
+        self.size = size
+        mean = np.array(IMAGENET_MEAN if normalize == "imagenet" else (0, 0, 0), np.float32)
+        std = np.array(IMAGENET_STD if normalize == "imagenet" else (1, 1, 1), np.float32)
+        self.scale = flow.tensor((1.0 / (255.0 * std)).reshape(1, 3, 1, 1), device=device)
+        self.shift = flow.tensor((-mean / std).reshape(1, 3, 1, 1), device=device)
+
+    def __call__(self, images: np.ndarray, train: bool, rng: np.random.Generator):
+        flow = self.flow
+        x = flow.tensor(images, device=self.device).permute(0, 3, 1, 2).to(flow.float32)
+        n, c, h, w = x.shape
+        if train:
+            for enabled, dim in ((self.hflip, 3), (self.vflip, 2)):
+                if enabled:
+                    mask = flow.tensor(rng.random(n) < 0.5, device=self.device).reshape(n, 1, 1, 1)
+                    x = flow.where(mask, flow.flip(x, [dim]), x)
+        if self.resize:
+            s = self.size
+            x = flow.matmul(x.reshape(n * c * h, w), self.aw_t)  # resize width
+            x = x.reshape(n * c, h, s).transpose(1, 2).reshape(n * c * s, h)
+            x = flow.matmul(x, self.ah_t)  # resize height
+            x = x.reshape(n, c, s, s).transpose(2, 3)
+        return x * self.scale + self.shift

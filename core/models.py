@@ -1,0 +1,129 @@
+"""FlowVision backbones by name, with the classifier head replaced, and their initial weights."""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from core.backend import flow
+from oneflow import nn
+
+# backbone name -> FlowVision module holding its constructor and its `model_urls`
+BACKBONE_MODULES = {
+    "resnet18": "flowvision.models.resnet",
+    "resnet34": "flowvision.models.resnet",
+    "resnet50": "flowvision.models.resnet",
+    "mobilenet_v2": "flowvision.models.mobilenet_v2",
+    "mobilenet_v3_small": "flowvision.models.mobilenet_v3",
+}
+
+
+class WeightsError(RuntimeError):
+    """Initial weights cannot be loaded; the message says why and what to do."""
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the classifier head: the model's last Linear layer."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
+    return names[-1]
+
+
+def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    if isinstance(owner, nn.Sequential) and last.isdigit():
+        owner[int(last)] = module
+    else:
+        setattr(owner, last, module)
+
+
+def _get_submodule(model: nn.Module, dotted: str) -> nn.Module:
+    owner = model
+    for part in dotted.split("."):
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+    return owner
+
+
+def imagenet_url(backbone: str) -> str:
+    return importlib.import_module(BACKBONE_MODULES[backbone]).model_urls[backbone]
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where FlowVision keeps (or will keep) the unzipped ImageNet weights of `backbone`."""
+    cache = Path(os.path.expanduser(os.getenv("FLOWVISION_CACHE", "~/.oneflow/flowvision_cache")))
+    return cache / Path(imagenet_url(backbone)).name.split(".")[0]
+
+
+def imagenet_cached(backbone: str) -> bool:
+    return imagenet_cache_path(backbone).is_dir()
+
+
+def load_imagenet_state(backbone: str) -> Dict[str, "flow.Tensor"]:
+    """The ImageNet state dict from FlowVision's cache, downloading it first when online."""
+    from flowvision.models.utils import load_state_dict_from_url
+
+    url = imagenet_url(backbone)
+    try:
+        return load_state_dict_from_url(url, progress=False)
+    except Exception as exc:  # URLError offline, HTTP errors, broken archives
+        raise WeightsError(
+            f"ImageNet weights for {backbone} are not in {imagenet_cache_path(backbone)} and could not "
+            f"be downloaded ({exc}). On a machine with internet, download {url}, unzip it into "
+            f"{imagenet_cache_path(backbone).parent}, or choose pretrained none or a local state-dict file."
+        ) from None
+
+
+def load_state_file(path: str | Path) -> Dict[str, "flow.Tensor"]:
+    """A state dict saved with flow.save (a folder or file), or a TransferLab checkpoint folder."""
+    path = Path(path).expanduser()
+    if (path / "model").is_dir():  # a TransferLab checkpoint: model/ optimizer/ meta.json
+        path = path / "model"
+    if not path.exists():  # flow.load raises a misleading NotImplementedError for a missing path
+        raise WeightsError(f"pretrained weights file {path} does not exist")
+    try:
+        state = flow.load(str(path))
+    except Exception as exc:
+        raise WeightsError(f"cannot read {path} as a OneFlow state dict ({exc})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, state: Dict[str, "flow.Tensor"], source: str) -> None:
+    """Load every weight but the classifier head's; raise WeightsError naming mismatched keys."""
+    head = head_name(model) + "."
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    given = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(given) if tuple(own[k].shape) != tuple(given[k].shape))
+    problems: List[str] = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise WeightsError(f"weights from {source} do not match this model's backbone ("
+                           + "; ".join(problems) + "); was it saved from another architecture?")
+    model.load_state_dict(given, strict=False)
+
+
+def build_model(backbone: str, num_classes: int, pretrained: str) -> Tuple[nn.Module, str]:
+    """The backbone with a fresh `num_classes` head, initialised from `pretrained`
+    ("imagenet", "none", or a path). Returns (model, dotted name of the head)."""
+    if backbone not in BACKBONE_MODULES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONE_MODULES)}")
+    model = getattr(importlib.import_module(BACKBONE_MODULES[backbone]), backbone)(pretrained=False)
+    if pretrained == "imagenet":
+        load_backbone_weights(model, load_imagenet_state(backbone), f"ImageNet ({backbone})")
+    elif pretrained != "none":
+        load_backbone_weights(model, load_state_file(pretrained), pretrained)
+    name = head_name(model)
+    old = _get_submodule(model, name)
+    _set_submodule(model, name, nn.Linear(old.in_features, num_classes))
+    return model, name

@@ -1,0 +1,273 @@
+"""The training loop: the tutorial's SGD + cross-entropy loop, evaluated after every epoch,
+emitting typed events (core.events) to listeners and honouring stop/abort between batches."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from core import events as ev
+from core.backend import flow, pick_device, seed_everything
+from core.config import RunConfig, check
+from core.data import ArrayData, BatchTransform, batches, load_dataset
+from core.models import build_model
+from core.store import RunWriter, atomic_write_json, replace_dir
+from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
+from oneflow import nn
+
+FLUSH_STEPS = 32
+"""At most this many steps' losses wait on the device before they are fetched in one go."""
+FLUSH_SECONDS = 0.5
+"""...or this long, so that listeners see progress about twice a second."""
+
+
+class RunControl:
+    """Stop and abort requests, safe to make from any thread; the trainer checks them between
+    batches. stop: save a checkpoint at the current point and end with status "stopped".
+    abort: end at once with status "aborted"."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_abort(self) -> None:
+        self._abort.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def aborting(self) -> bool:
+        return self._abort.is_set()
+
+
+class LossNotFinite(RuntimeError):
+    pass
+
+
+class _Interrupted(Exception):
+    def __init__(self, status: str):
+        self.status = status
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built before its folder is created (so setup errors leave none)."""
+
+    cfg: RunConfig
+    device: str
+    train: ArrayData
+    test: ArrayData
+    model: nn.Module
+    head: str
+    groups: List[Dict]
+    trainable: int
+    total: int
+    notes: Tuple[str, ...] = ()
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate, pick the device, load data and model, apply the strategy.
+
+    Raises ConfigError, DeviceError, DataError or WeightsError with a message a person can act on.
+    """
+    check(cfg)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed)
+    train_data = train_data.subset(cfg.limit_train, cfg.seed)
+    test_data = test_data.subset(cfg.limit_test, cfg.seed + 1)
+    notes: List[str] = []
+    pretrained = cfg.pretrained
+    if cfg.strategy == "scratch" and pretrained != "none":
+        notes.append(f"scratch trains from random weights: pretrained={pretrained} is not loaded")
+        pretrained = "none"
+    model, head = build_model(cfg.backbone, len(train_data.classes), pretrained)
+    prepare_strategy(model, cfg.strategy, head)
+    model = model.to(device)
+    groups = build_param_groups(model, cfg.strategy, head, cfg.lr, cfg.lr_backbone)
+    trainable, total = count_params(model)
+    return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes))
+
+
+def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Optional[RunControl] = None,
+          prepared: Optional[Prepared] = None) -> ev.RunFinished:
+    """Run one training run to its end and return how it finished.
+
+    Setup problems raise before a run folder exists; once the run has started, every outcome
+    (including an unexpected exception) ends in a RunFinished event and a readable run folder.
+    """
+    p = prepared or prepare(cfg)
+    writer = RunWriter(p.cfg)
+    return Trainer(p, writer, [writer, *listeners], control or RunControl()).run()
+
+
+@dataclass
+class Trainer:
+    p: Prepared
+    writer: RunWriter
+    listeners: List[ev.Listener]
+    control: RunControl
+    best_acc: Optional[float] = None
+    last_acc: Optional[float] = None
+    global_step: int = 0
+    _pending: List = field(default_factory=list)
+
+    def emit(self, event: ev.Event) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    def run(self) -> ev.RunFinished:
+        p, cfg = self.p, self.p.cfg
+        started = time.time()
+        status, message, epochs_done = ev.COMPLETED, "", 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+        self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
+        self.loss_fn = nn.CrossEntropyLoss().to(p.device)
+        self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
+        self.transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size,
+                                        cfg.normalize, cfg.hflip, cfg.vflip)
+        self.test_transform = BatchTransform(flow, p.device, p.test.images.shape[1:3], cfg.image_size,
+                                             cfg.normalize, False, False)
+        self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
+        try:
+            self.emit(ev.RunStarted(
+                run_id=self.writer.run_id, run_dir=str(self.writer.path), config=cfg.to_dict(),
+                device=p.device, trainable_params=p.trainable, total_params=p.total,
+                num_classes=len(p.train.classes), train_size=len(p.train), test_size=len(p.test),
+                steps_per_epoch=self.steps_per_epoch, notes=p.notes))
+            for epoch in range(1, cfg.epochs + 1):
+                epoch_start = time.time()
+                train_loss, train_acc = self._train_epoch(epoch)
+                test_loss, test_acc = self._evaluate(epoch)
+                epochs_done = epoch
+                self.last_acc = test_acc
+                self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
+                                        time.time() - epoch_start))
+                improved = self.best_acc is None or test_acc > self.best_acc
+                self.best_acc = test_acc if improved else self.best_acc
+                self._checkpoint(epoch, self.steps_per_epoch, best=improved)
+        except _Interrupted as stop:
+            status = stop.status
+            message = ("stopped on request; checkpoint saved" if status == ev.STOPPED
+                       else "aborted on request")
+        except KeyboardInterrupt:
+            status, message = ev.ABORTED, "interrupted (Ctrl-C)"
+        except LossNotFinite as exc:
+            status, message = ev.FAILED, str(exc)
+        except Exception as exc:
+            status, message = ev.FAILED, f"{type(exc).__name__}: {exc}"
+            self.writer.write_error(traceback.format_exc())
+        finished = ev.RunFinished(status, message, self.best_acc, self.last_acc,
+                                  time.time() - started, epochs_done)
+        for listener in self.listeners:
+            try:
+                listener(finished)
+            except Exception:  # the outcome is already decided; a listener must not hide it
+                pass
+        self.writer.close()
+        return finished
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _check_control(self, epoch: int, step: int) -> None:
+        if self.control.aborting:
+            raise _Interrupted(ev.ABORTED)
+        if self.control.stopping:
+            self._flush(epoch)
+            self._checkpoint(epoch, step, best=False)
+            raise _Interrupted(ev.STOPPED)
+
+    def _train_epoch(self, epoch: int) -> Tuple[float, float]:
+        p = self.p
+        set_train_mode(p.model, p.cfg.strategy, p.head)
+        self._epoch_losses: List[float] = []
+        self._window_start, self._window_images = time.time(), 0
+        correct = []
+        for step, idx in enumerate(batches(len(p.train), p.cfg.batch_size, True, self.rng), 1):
+            self._check_control(epoch, step - 1)
+            x = self.transform(p.train.images[idx], True, self.rng)
+            y = flow.tensor(p.train.labels[idx], device=p.device)
+            out = p.model(x)
+            loss = self.loss_fn(out, y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.global_step += 1
+            self._pending.append((step, self.global_step, loss.detach()))
+            correct.append((out.detach().argmax(dim=1) == y).sum())
+            self._window_images += len(idx)
+            if len(self._pending) >= FLUSH_STEPS or time.time() - self._window_start >= FLUSH_SECONDS:
+                self._flush(epoch)
+        self._flush(epoch)
+        train_acc = float(flow.stack(correct).sum().item()) / len(p.train)
+        return float(np.mean(self._epoch_losses)), train_acc
+
+    def _flush(self, epoch: int) -> None:
+        """Fetch the pending losses in one transfer and emit their StepEnded events."""
+        if not self._pending:
+            return
+        values = flow.stack([loss for _, _, loss in self._pending]).numpy().tolist()
+        now = time.time()
+        rate = self._window_images / max(now - self._window_start, 1e-9)
+        for (step, global_step, _), value in zip(self._pending, values):
+            if not math.isfinite(value):
+                self._pending.clear()
+                raise LossNotFinite(
+                    f"loss became {value} at epoch {epoch} step {step}: training diverged. Lower "
+                    f"the learning rate (lr={self.p.cfg.lr:g}, lr_backbone={self.p.cfg.lr_backbone:g}).")
+            self._epoch_losses.append(value)
+            self.emit(ev.StepEnded(epoch, step, global_step, value, dict(self.lrs), rate))
+        self._pending.clear()
+        self._window_start, self._window_images = now, 0
+
+    def _evaluate(self, epoch: int) -> Tuple[float, float]:
+        p = self.p
+        p.model.eval()
+        loss_sum, correct = [], []
+        with flow.no_grad():
+            for idx in batches(len(p.test), p.cfg.batch_size, False, self.rng):
+                self._check_control(epoch, self.steps_per_epoch)
+                x = self.test_transform(p.test.images[idx], False, self.rng)
+                y = flow.tensor(p.test.labels[idx], device=p.device)
+                out = p.model(x)
+                loss_sum.append(self.sum_loss_fn(out, y))
+                correct.append((out.argmax(dim=1) == y).sum())
+        n = len(p.test)
+        return (float(flow.stack(loss_sum).sum().item()) / n,
+                float(flow.stack(correct).sum().item()) / n)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint(self, epoch: int, step: int, best: bool) -> None:
+        """Save model + optimizer as checkpoints/last (atomically), and copy it to best."""
+        import shutil
+
+        last = self.writer.checkpoint_dir("last")
+        tmp = last.with_name(f".last.tmp-{time.time_ns()}")
+        tmp.mkdir(parents=True)
+        flow.save(self.p.model.state_dict(), str(tmp / "model"))
+        flow.save(self.optimizer.state_dict(), str(tmp / "optimizer"))
+        atomic_write_json(tmp / "meta.json", {
+            "epoch": epoch, "step": step, "global_step": self.global_step,
+            "test_acc": self.last_acc, "backbone": self.p.cfg.backbone,
+            "num_classes": len(self.p.train.classes), "classes": self.p.train.classes})
+        replace_dir(tmp, last)
+        self.emit(ev.CheckpointSaved(epoch, str(last), "last"))
+        if best:
+            best_dir = self.writer.checkpoint_dir("best")
+            tmp = best_dir.with_name(f".best.tmp-{time.time_ns()}")
+            shutil.copytree(last, tmp)
+            replace_dir(tmp, best_dir)
+            self.emit(ev.CheckpointSaved(epoch, str(best_dir), "best"))

@@ -1,0 +1,149 @@
+import pickle
+import tarfile
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+
+from core import data as D
+from core.backend import flow
+
+
+def write_cifar(root, per_batch=6, test=5):
+    """Small CIFAR-10 python-format batches (pickled dicts, rows of 3072 uint8 in CHW order)."""
+    folder = root / D.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    expected = {}
+    for name in names:
+        n = test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, n)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels,
+                         "filenames": [f"img{i}.png" for i in range(n)]}, f, protocol=2)
+        expected[name] = (data, labels)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": classes, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+    return expected, classes
+
+
+def test_cifar10_reads_python_batches(tmp_path):
+    expected, classes = write_cifar(tmp_path)
+    train, test = D.load_cifar10(tmp_path, download=False)
+    assert train.images.shape == (30, 32, 32, 3) and train.images.dtype == np.uint8
+    assert test.images.shape == (5, 32, 32, 3) and train.classes == classes
+    data, labels = expected["data_batch_2"]
+    first = train.images[6]  # first image of batch 2
+    assert np.array_equal(first[:, :, 0], data[0, :1024].reshape(32, 32))  # red plane
+    assert np.array_equal(first[:, :, 2], data[0, 2048:].reshape(32, 32))  # blue plane
+    assert train.labels[6] == labels[0]
+    assert list(test.labels) == expected["test_batch"][1]
+
+
+def test_cifar10_extracts_a_local_archive(tmp_path):
+    src = tmp_path / "src"
+    write_cifar(src)
+    dest = tmp_path / "data"
+    dest.mkdir()
+    with tarfile.open(dest / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / D.CIFAR10_FOLDER, arcname=D.CIFAR10_FOLDER)
+    assert D.cifar10_present(dest)
+    train, test = D.load_cifar10(dest, download=False)
+    assert len(train) == 30 and len(test) == 5
+
+
+def test_cifar10_missing_and_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    def offline(root):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(D, "download_cifar10", offline)
+    with pytest.raises(D.DataError) as info:
+        D.load_cifar10(tmp_path / "nowhere")
+    message = str(info.value)
+    assert "could not be downloaded" in message and "Name or service not known" in message
+    assert D.CIFAR10_URL in message and str(tmp_path / "nowhere") in message and "digits" in message
+    assert not D.cifar10_present(tmp_path / "nowhere")
+
+
+def test_cifar10_damaged_files_are_reported(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / D.CIFAR10_FOLDER / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(D.DataError, match="incomplete or damaged"):
+        D.load_cifar10(tmp_path, download=False)
+
+
+def test_imagefolder_reads_pngs(tmp_path):
+    from PIL import Image
+
+    colours = {"cats": (200, 30, 30), "dogs": (30, 200, 30), "owls": (30, 30, 200)}
+    for split, count in (("train", 3), ("val", 2)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (20 + i, 12), colour).save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "train" / "cats" / "notes.txt").write_text("not an image")
+    train, test = D.load_dataset(f"imagefolder:{tmp_path}", "unused", image_size=10)
+    assert train.classes == ["cats", "dogs", "owls"] and test.classes == train.classes
+    assert train.images.shape == (9, 10, 10, 3) and test.images.shape == (6, 10, 10, 3)
+    assert list(train.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert tuple(train.images[4, 5, 5]) == colours["dogs"]
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    with pytest.raises(D.DataError, match="needs a train/ folder"):
+        D.load_imagefolder(tmp_path, 8)
+
+
+def test_digits_split_is_stratified_and_fixed():
+    train, test = D.load_digits()
+    again_train, again_test = D.load_digits()
+    assert np.array_equal(test.labels, again_test.labels) and np.array_equal(test.images, again_test.images)
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert train.images.shape[1:] == (8, 8, 3) and train.images.dtype == np.uint8 and train.images.max() == 255
+    share_train = np.bincount(train.labels) / len(train)
+    share_test = np.bincount(test.labels) / len(test)
+    assert np.abs(share_train - share_test).max() < 0.01
+
+
+def test_subset_is_stratified():
+    train, _ = D.load_digits()
+    small = train.subset(100, seed=3)
+    assert len(small) == 100 and set(np.bincount(small.labels)) <= {9, 10, 11}
+
+
+def test_bilinear_matrix_matches_interpolate():
+    x = np.random.default_rng(0).random((2, 3, 8, 6)).astype(np.float32)
+    t = D.BatchTransform(flow, "cpu", (8, 6), 13, "none", False, False)
+    images = (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    ours = t(images, False, np.random.default_rng(0)).numpy()
+    ref = flow.nn.functional.interpolate(flow.tensor(images.transpose(0, 3, 1, 2).astype(np.float32) / 255),
+                                         size=(13, 13), mode="bilinear", align_corners=False).numpy()
+    assert ours.shape == (2, 3, 13, 13)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_normalisation_statistics():
+    t = D.BatchTransform(flow, "cpu", (4, 4), 4, "imagenet", False, False)
+    images = np.zeros((1, 4, 4, 3), np.uint8)
+    images[..., 0], images[..., 1], images[..., 2] = 255, 0, 128
+    out = t(images, False, np.random.default_rng(0)).numpy()
+    expected = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
+    assert np.allclose(out[0].mean(axis=(1, 2)), expected, atol=1e-5)
+    assert np.allclose(out[0].std(axis=(1, 2)), 0, atol=1e-6)
+
+
+def test_flips_flip_about_half_of_the_images():
+    t = D.BatchTransform(flow, "cpu", (4, 4), 4, "none", True, False)
+    images = np.zeros((400, 4, 4, 3), np.uint8)
+    images[:, :, 0, :] = 255  # left column bright
+    out = t(images, True, np.random.default_rng(1)).numpy()
+    left, right = out[:, 0, :, 0].mean(axis=1), out[:, 0, :, 3].mean(axis=1)
+    flipped = (right == 1) & (left == 0)
+    kept = (left == 1) & (right == 0)
+    assert np.all(flipped | kept)
+    assert 150 < flipped.sum() < 250
+    untouched = t(images, False, np.random.default_rng(1)).numpy()
+    assert np.all(untouched[:, 0, :, 0] == 1)

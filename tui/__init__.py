@@ -1,0 +1,1 @@
+"""TransferLab terminal UI."""

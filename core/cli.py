@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import shlex
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from core import config as C
 from core import events as ev
@@ -17,7 +18,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
 EXIT_CODES = {ev.COMPLETED: EXIT_OK, ev.STOPPED: EXIT_STOPPED, ev.ABORTED: EXIT_ABORTED,
               ev.FAILED: EXIT_FAILED}
 
-TuiLauncher = Callable[[C.RunConfig, List[str]], int]
+TuiLauncher = Callable[[C.RunConfig, Set[str]], int]
+"""Opens the TUI with a pre-filled config and the names of the fields the user gave explicitly."""
 
 
 class UsageError(Exception):
@@ -80,6 +82,22 @@ def _as_flag(problem: str) -> str:
     return f"{flag(first)} {rest}" if first in C.FIELDS else problem
 
 
+def command_line(cfg: C.RunConfig) -> str:
+    """The `transferlab train ...` command that runs `cfg` (flags only where it differs from the
+    defaults)."""
+    parts = ["transferlab", "train"]
+    default = C.RunConfig()
+    for name in C.FIELDS:
+        value = getattr(cfg, name)
+        if value == getattr(default, name):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            parts += [flag(name), shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+    return " ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="transferlab", description="Transfer learning of image classifiers with "
                      "OneFlow and FlowVision. With no command, opens the terminal UI.")
@@ -121,7 +139,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
         if launch_tui is None:
             err.print("error: the terminal UI is not available in this installation; use transferlab train")
             return EXIT_FAILED
-        return launch_tui(cfg, [a for a in argv[1:]])
+        explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
+        return launch_tui(cfg, explicit)
     return cmd_train(cfg)
 
 
@@ -236,11 +255,11 @@ class ProgressPrinter:
 # runs and compare
 
 
-def _fmt_acc(value: Any) -> str:
+def fmt_acc(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _fmt_duration(seconds: Any) -> str:
+def fmt_duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)):
         return "-"
     minutes, secs = divmod(int(seconds), 60)
@@ -264,8 +283,8 @@ def cmd_runs(runs_dir: str) -> int:
         s, cfg = run.summary, run.config
         lr = f"{cfg.lr:g}" + (f" / {cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
         table.add_row(run.run_id, cfg.strategy, cfg.dataset, cfg.backbone, lr,
-                      f"{s.get('epochs_done', 0)}/{cfg.epochs}", _fmt_acc(s.get("best_test_acc")),
-                      str(s.get("status")), _fmt_duration(s.get("seconds")))
+                      f"{s.get('epochs_done', 0)}/{cfg.epochs}", fmt_acc(s.get("best_test_acc")),
+                      str(s.get("status")), fmt_duration(s.get("seconds")))
     console.print(table)
     return EXIT_OK
 
@@ -285,6 +304,15 @@ def comparison_rows(runs: List[Any]) -> List[Dict[str, Any]]:
     return rows
 
 
+def newest_per_strategy(runs: List[Any]) -> List[Any]:
+    """The newest run of each strategy that has a test accuracy (runs given oldest first)."""
+    newest: Dict[str, Any] = {}
+    for run in runs:
+        if run.summary.get("final_test_acc") is not None:
+            newest[run.config.strategy] = run
+    return list(newest.values())
+
+
 def cmd_compare(runs_dir: str, refs: List[str]) -> int:
     from rich.table import Table
 
@@ -298,11 +326,7 @@ def cmd_compare(runs_dir: str, refs: List[str]) -> int:
             err.print(f"error: {exc}")
             return EXIT_USAGE
     else:
-        newest: Dict[str, Any] = {}
-        for run in list_runs(runs_dir):
-            if run.summary.get("final_test_acc") is not None:
-                newest[run.config.strategy] = run
-        runs = list(newest.values())
+        runs = newest_per_strategy(list_runs(runs_dir))
     if not runs:
         console.print(f"no runs in {runs_dir} to compare")
         return EXIT_OK
@@ -310,8 +334,8 @@ def cmd_compare(runs_dir: str, refs: List[str]) -> int:
                   title="transfer learning comparison")
     for row in comparison_rows(runs):
         diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-        table.add_row(row["strategy"], row["run"], str(row["epochs"]), _fmt_acc(row["final_test_acc"]),
-                      _fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
+        table.add_row(row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
+                      fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
     console.print(table)
     return EXIT_OK
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence, Set
 
 
-def launch(cfg, argv: List[str]) -> int:
+def launch(cfg, explicit: Set[str]) -> int:
     from tui.app import run_app
 
-    return run_app(cfg, argv)
+    return run_app(cfg, explicit)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,255 @@
+"""The TransferLab app: three modes (form, dashboard, runs) and the training worker.
+
+The run executes core.trainer.train in one exclusive thread worker. The worker never touches a
+widget: a bridge (a core listener) queues step events for the UI to drain every 0.1 s and posts
+every other event as a message right away. The UI thread never calls oneflow.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Iterable, List, Optional, Set
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState
+
+from core import events as ev
+from core.config import RunConfig
+from tui.dialogs import ConfirmScreen
+
+
+class EventBridge:
+    """A core listener, called in the worker thread. Step events wait in a deque (drained by the
+    UI on a timer); every other event is posted at once as a message, never coalesced."""
+
+    def __init__(self, app: "TransferLabApp"):
+        self.app = app
+        self.steps: Deque[ev.StepEnded] = deque()
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StepEnded):
+            self.steps.append(event)
+        else:
+            self.app.post_message(TransferLabApp.RunEvent(event))
+
+    def drain(self) -> List[ev.StepEnded]:
+        out = []
+        while self.steps:
+            out.append(self.steps.popleft())
+        return out
+
+
+@dataclass
+class LiveRun:
+    cfg: RunConfig
+    control: object
+    bridge: EventBridge
+    run_id: str = ""
+    status: str = "starting"
+
+
+class TransferLabApp(App):
+    """Transfer learning with OneFlow: set up a run, watch it train, compare runs."""
+
+    TITLE = "TransferLab"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("f1", "switch_mode('form')", "Form"),
+        Binding("f2", "switch_mode('dashboard')", "Dashboard"),
+        Binding("f3", "switch_mode('runs')", "Runs"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    class RunEvent(Message):
+        """A non-step core event of the live run (posted from the worker thread)."""
+
+        def __init__(self, event: ev.Event) -> None:
+            super().__init__()
+            self.event = event
+
+    class RunCouldNotStart(Message):
+        """Setup failed (bad data path, missing weights, unusable GPU...): nothing was created."""
+
+        def __init__(self, error: str) -> None:
+            super().__init__()
+            self.error = error
+
+    def __init__(self, cfg: Optional[RunConfig] = None, notes: Iterable[str] = (), runs_dir: Optional[str] = None):
+        super().__init__()
+        from tui.dashboard import DashboardScreen
+        from tui.form import FormScreen
+        from tui.runs import RunsScreen
+
+        self.initial_cfg = cfg or RunConfig()
+        self.runs_dir = runs_dir or self.initial_cfg.runs_dir
+        self.live: Optional[LiveRun] = None
+        self.quit_after_run = False
+        self.add_mode("form", lambda: FormScreen(self.initial_cfg, list(notes)))
+        self.add_mode("dashboard", lambda: DashboardScreen())
+        self.add_mode("runs", lambda: RunsScreen())
+
+    def on_mount(self) -> None:
+        self.switch_mode("form")
+        self.set_interval(0.1, self._drain_steps)
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.live is not None and self.live.status in ("starting", "running")
+
+    async def start_run(self, cfg: RunConfig) -> bool:
+        """Start training `cfg` in the worker and show the dashboard; False if one is running."""
+        from core.trainer import RunControl
+
+        if self.running:
+            self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
+            return False
+        self.runs_dir = cfg.runs_dir
+        self.live = LiveRun(cfg, RunControl(), EventBridge(self))
+        await self.switch_mode("dashboard")
+        self.dashboard.begin(cfg)
+        self._train(self.live)
+        return True
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
+    def _train(self, live: LiveRun) -> None:
+        from core.backend import DeviceError
+        from core.config import ConfigError
+        from core.data import DataError
+        from core.models import WeightsError
+        from core.trainer import prepare, train
+
+        try:
+            prepared = prepare(live.cfg)
+        except (ConfigError, DataError, DeviceError, WeightsError) as exc:
+            self.post_message(self.RunCouldNotStart(str(exc)))
+            return
+        except Exception as exc:  # anything else while setting up: report, never crash the app
+            self.post_message(self.RunCouldNotStart(f"{type(exc).__name__}: {exc}"))
+            return
+        train(live.cfg, [live.bridge], live.control, prepared=prepared)
+
+    @property
+    def dashboard(self):
+        return self.get_screen_stack("dashboard")[0] if self._screen_stacks.get("dashboard") else None
+
+    def get_screen_stack(self, mode: str) -> List[Screen]:
+        return self._screen_stacks.get(mode, [])
+
+    def _drain_steps(self) -> None:
+        if self.live is not None and self.live.bridge.steps and self.dashboard is not None:
+            self.dashboard.apply_steps(self.live.bridge.drain())
+
+    @on(RunEvent)
+    def _on_run_event(self, message: RunEvent) -> None:
+        live, event = self.live, message.event
+        if live is None:
+            return
+        if self.dashboard is not None:
+            steps = live.bridge.drain()
+            if steps:
+                self.dashboard.apply_steps(steps)
+            self.dashboard.apply(event)
+        if isinstance(event, ev.RunStarted):
+            live.run_id, live.status = event.run_id, "running"
+        elif isinstance(event, ev.RunFinished):
+            live.status = event.status
+            severity = "information" if event.status == ev.COMPLETED else "warning"
+            final = "" if event.final_test_acc is None else f": final test accuracy {event.final_test_acc:.4f}"
+            self.notify(f"Run {event.status}{final}", severity=severity if event.status != ev.FAILED else "error")
+            self.refresh_runs()
+            if self.quit_after_run:
+                self.exit()
+
+    @on(RunCouldNotStart)
+    def _on_could_not_start(self, message: RunCouldNotStart) -> None:
+        if self.live is not None:
+            self.live.status = "not started"
+        if self.dashboard is not None:
+            self.dashboard.could_not_start(message.error)
+        self.notify(message.error, title="Run could not start", severity="error", timeout=10)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A crash in the worker outside train()'s own handling: show it, keep the app alive."""
+        if event.worker.name == "train" and event.state == WorkerState.ERROR and self.live is not None:
+            error = event.worker.error
+            self.live.status = ev.FAILED
+            if self.dashboard is not None:
+                self.dashboard.could_not_start(f"{type(error).__name__}: {error}")
+            self.notify(f"The run failed: {error}", severity="error")
+
+    def stop_run(self) -> None:
+        if self.running:
+            self.live.control.request_stop()
+            self.notify("Stopping after this step; a checkpoint will be saved.")
+
+    def abort_run(self) -> None:
+        def confirmed(yes: Optional[bool]) -> None:
+            if yes and self.running:
+                self.live.control.request_abort()
+                self.notify("Aborting the run.", severity="warning")
+
+        if self.running:
+            self.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
+
+    def refresh_runs(self) -> None:
+        stack = self.get_screen_stack("runs")
+        if stack:
+            stack[0].reload()
+
+    async def edit_config(self, cfg: RunConfig) -> None:
+        """Back to the form, filled with `cfg`, to tweak and run again."""
+        await self.switch_mode("form")
+        self.get_screen_stack("form")[0].load_config(cfg, note="Loaded the settings of the run: tweak and start again.")
+
+    async def action_quit(self) -> None:
+        if not self.running:
+            self.exit()
+            return
+
+        def confirmed(yes: Optional[bool]) -> None:
+            if yes:
+                self.quit_after_run = True
+                self.stop_run()
+
+        self.push_screen(ConfirmScreen("A run is in progress. Stop it gracefully (saving a checkpoint) "
+                                       "and quit?", "Stop and quit"), confirmed)
+
+    # -- command palette ------------------------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        form = self.get_screen_stack("form")
+        if not self.running and form and form[0].valid_config() is not None:
+            yield SystemCommand("Start run", "Train with the settings in the form", form[0].action_start)
+        if self.running:
+            yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
+            yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
+        yield SystemCommand("Open form", "Settings of the next run", lambda: self.switch_mode("form"))
+        yield SystemCommand("Open dashboard", "The current or last run", lambda: self.switch_mode("dashboard"))
+        yield SystemCommand("Open runs", "All runs, overlay and compare", lambda: self.switch_mode("runs"))
+        yield SystemCommand("Compare runs", "Final test accuracy by strategy, vs scratch", self._compare)
+        if form:
+            yield SystemCommand("Save preset", "Write the form's settings to a file", form[0].action_save_preset)
+            yield SystemCommand("Load preset", "Fill the form from a preset file", form[0].action_load_preset)
+
+    async def _compare(self) -> None:
+        await self.switch_mode("runs")
+        self.get_screen_stack("runs")[0].action_compare()
+
+
+def run_app(cfg: RunConfig, explicit: Set[str]) -> int:
+    """Open the TUI with `cfg`; settings the user did not give are adapted to this machine."""
+    from core.suggest import machine_defaults
+
+    import core.backend  # noqa: F401  import oneflow on the main thread, before the screen opens
+
+    cfg, notes = machine_defaults(cfg, keep=explicit)
+    TransferLabApp(cfg, notes).run()
+    return 0

@@ -1,0 +1,205 @@
+"""The run dashboard: live plots, progress with ETA, learning rates, images/s and a log.
+
+The same screen replays a finished run from its metrics.jsonl (`DashboardScreen(events=...)`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, List, Optional
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Static
+
+from core import events as ev
+from core.config import RunConfig, from_mapping
+from tui.plots import AccuracyPlot, LossPlot
+
+
+def fmt_eta(seconds: Optional[float]) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class DashboardScreen(Screen):
+    """Loss per step and accuracy per epoch of one run, live or replayed."""
+
+    BINDINGS = [
+        Binding("s", "stop", "Stop (save)"),
+        Binding("a", "abort", "Abort"),
+        Binding("e", "edit", "Edit & rerun"),
+        Binding("r", "toggle_raw", "Raw loss"),
+        Binding("escape", "back", "Back", show=False),
+    ]
+
+    def __init__(self, events: Iterable[ev.Event] = (), live: bool = True) -> None:
+        super().__init__()
+        self.replay = list(events)
+        self.live = live and not self.replay
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.cfg: Optional[RunConfig] = None
+        self.started: Optional[ev.RunStarted] = None
+        self.status = "idle"
+        self.epochs = 0
+        self.last_step: Optional[ev.StepEnded] = None
+        self.t0 = time.monotonic()
+        self.results: List[ev.EpochEnded] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="dash"):
+            yield Static("No run yet: press F1 for the form and ctrl+r to start one.", id="summary")
+            with Horizontal(id="plots"):
+                yield LossPlot(id="loss")
+                yield AccuracyPlot(id="acc")
+            with Horizontal(classes="bar-row"):
+                yield Label("epoch -/-", id="epoch-label")
+                yield ProgressBar(id="epoch-bar", show_eta=False, show_percentage=False)
+                yield Label("step -/-", id="step-label")
+                yield ProgressBar(id="step-bar", show_eta=False, show_percentage=False)
+            yield Static("", id="stats")
+            yield RichLog(id="log", wrap=True, markup=True, max_lines=1000)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "dashboard" if self.live else "run (replay)"
+        for event in self.replay:
+            if isinstance(event, ev.StepEnded):
+                self.apply_steps([event])
+            else:
+                self.apply(event)
+        self.set_interval(1.0, self._update_stats)
+
+    # -- state updates (UI thread only) -----------------------------------------------------------
+
+    def begin(self, cfg: RunConfig) -> None:
+        """A new live run was requested: clear everything and say what is happening."""
+        self.reset_state()
+        self.cfg, self.status, self.epochs = cfg, "starting", cfg.epochs
+        self.query_one(LossPlot).reset()
+        self.query_one(AccuracyPlot).reset()
+        self.query_one("#log", RichLog).clear()
+        self.query_one("#epoch-bar", ProgressBar).update(total=cfg.epochs, progress=0)
+        self.query_one("#step-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#summary", Static).update(
+            f"[b]starting[/b] {cfg.strategy} {cfg.backbone} on {cfg.dataset}: loading data and model...")
+        self.log_line(f"Starting {cfg.strategy} on {cfg.dataset} ({cfg.epochs} epochs, lr {cfg.lr:g}).")
+
+    def could_not_start(self, error: str) -> None:
+        self.status = "not started"
+        self.query_one("#summary", Static).update(f"[b red]could not start[/b red]: {error}")
+        self.log_line(f"[red]{error}[/red]")
+        self.log_line("Press F1 (or e) to change the settings and start again.")
+
+    def log_line(self, text: str) -> None:
+        self.query_one("#log", RichLog).write(text)
+
+    def apply_steps(self, steps: List[ev.StepEnded]) -> None:
+        if not steps:
+            return
+        plot = self.query_one(LossPlot)
+        for step in steps:
+            plot.add("run", step.global_step, step.loss)
+        self.last_step = steps[-1]
+        total = self.started.steps_per_epoch if self.started else None
+        self.query_one("#step-bar", ProgressBar).update(total=total, progress=self.last_step.step)
+        self.query_one("#epoch-bar", ProgressBar).update(progress=self.last_step.epoch - 1 + (
+            self.last_step.step / total if total else 0))
+        self._update_stats()
+
+    def apply(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RunStarted):
+            self.started, self.status, self.t0 = event, "running", time.monotonic()
+            self.cfg = from_mapping(event.config)
+            self.epochs = self.cfg.epochs
+            c = self.cfg
+            lrs = f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if c.strategy == "discriminative" else "")
+            self.query_one("#summary", Static).update(
+                f"[b]{c.strategy}[/b] · {c.backbone} ({c.pretrained}) · {c.dataset} "
+                f"{event.train_size}/{event.test_size} · {c.image_size}px · {lrs} · batch {c.batch_size}\n"
+                f"[b]{event.device}[/b] · trainable {event.trainable_params:,}/{event.total_params:,} · "
+                f"{event.run_dir}")
+            self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs, progress=0)
+            self.query_one("#step-bar", ProgressBar).update(total=event.steps_per_epoch, progress=0)
+            for note in event.notes:
+                self.log_line(f"[yellow]note:[/yellow] {note}")
+            self.log_line(f"Run {event.run_id} started on {event.device}.")
+            self.refresh_bindings()
+        elif isinstance(event, ev.EpochEnded):
+            self.results.append(event)
+            acc = self.query_one(AccuracyPlot)
+            acc.add("train", event.epoch, event.train_acc)
+            acc.add("test", event.epoch, event.test_acc)
+            self.query_one("#epoch-bar", ProgressBar).update(progress=event.epoch)
+            self.log_line(f"epoch {event.epoch}/{self.epochs}: train loss {event.train_loss:.4f} "
+                          f"acc {event.train_acc:.4f} | [b]test loss {event.test_loss:.4f} "
+                          f"acc {event.test_acc:.4f}[/b] ({event.seconds:.1f} s)")
+        elif isinstance(event, ev.CheckpointSaved):
+            self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
+        elif isinstance(event, ev.RunFinished):
+            self.status = event.status
+            self.refresh_bindings()
+            colour = {ev.COMPLETED: "green", ev.STOPPED: "yellow"}.get(event.status, "red")
+            final = "n/a" if event.final_test_acc is None else f"{event.final_test_acc:.4f}"
+            best = "n/a" if event.best_test_acc is None else f"{event.best_test_acc:.4f}"
+            self.log_line(f"[{colour}][b]{event.status}[/b][/{colour}] after {event.epochs_done} epoch(s), "
+                          f"{event.seconds:.1f} s: [b]final test accuracy {final}[/b] (best {best})"
+                          + (f" — {event.message}" if event.message else ""))
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        step = self.last_step
+        done_epochs = len(self.results)
+        self.query_one("#epoch-label", Label).update(f"epoch {done_epochs}/{self.epochs or '-'} ")
+        per_epoch = self.started.steps_per_epoch if self.started else "-"
+        self.query_one("#step-label", Label).update(f" step {step.step if step else 0}/{per_epoch} ")
+        parts = [f"status [b]{self.status}[/b]"]
+        if step is not None:
+            lrs = " ".join(f"{k} {v:g}" for k, v in step.lrs.items())
+            parts += [f"epoch {step.epoch}/{self.epochs} step {step.step}"
+                      + (f"/{self.started.steps_per_epoch}" if self.started else ""),
+                      f"loss {step.loss:.4f}", f"lr {lrs}", f"{step.images_per_sec:.1f} img/s"]
+            if self.status == "running" and self.started:
+                done = (step.epoch - 1) * self.started.steps_per_epoch + step.step
+                total = self.epochs * self.started.steps_per_epoch
+                elapsed = time.monotonic() - self.t0
+                parts.append(f"ETA {fmt_eta(elapsed / done * (total - done) if done else None)}")
+        if self.results:
+            parts.append(f"test acc {self.results[-1].test_acc:.4f}")
+        self.query_one("#stats", Static).update(" · ".join(parts))
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
+        if action in ("stop", "abort"):
+            return self.live and getattr(self.app, "running", False)
+        if action == "edit":
+            return self.cfg is not None
+        return True
+
+    def action_stop(self) -> None:
+        self.app.stop_run()
+
+    def action_abort(self) -> None:
+        self.app.abort_run()
+
+    async def action_edit(self) -> None:
+        if self.cfg is not None:
+            await self.app.edit_config(self.cfg)
+
+    def action_toggle_raw(self) -> None:
+        plot = self.query_one(LossPlot)
+        plot.show_raw = not plot.show_raw
+        plot.mark_dirty()
+        self.notify(f"raw loss {'shown' if plot.show_raw else 'hidden'}", timeout=1.5)
+
+    def action_back(self) -> None:
+        if not self.live:
+            self.dismiss()

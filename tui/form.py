@@ -1,0 +1,188 @@
+"""The experiment form: one row per RunConfig field, validated as you type by core.config."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
+
+from core import config as C
+from core.cli import command_line
+from core.config import STRATEGIES, RunConfig
+from tui.dialogs import PathScreen
+
+LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "train subset",
+          "limit_test": "test subset", "image_size": "image size", "batch_size": "batch size",
+          "weight_decay": "weight decay", "data_root": "data root", "runs_dir": "runs folder"}
+SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
+
+
+def field_widget(name: str, value: Any) -> Any:
+    """The input widget for one config field: a Select for choices and yes/no, else an Input."""
+    meta = C.FIELDS[name].metadata
+    wid = f"f-{name}"
+    if meta.get("choices"):
+        return Select([(c, c) for c in meta["choices"]], value=value, allow_blank=False, compact=True, id=wid)
+    if isinstance(value, bool):
+        return Select([("yes", True), ("no", False)], value=value, allow_blank=False, compact=True, id=wid)
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    suggester = SuggestFromList(SUGGESTIONS[name], case_sensitive=False) if name in SUGGESTIONS else None
+    return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False)
+
+
+class FormScreen(Screen):
+    """Settings of the next run. Start is refused while anything is invalid."""
+
+    AUTO_FOCUS = "#f-strategy"
+    BINDINGS = [
+        Binding("ctrl+r", "start", "Start", priority=True),
+        Binding("ctrl+s", "save_preset", "Save preset"),
+        Binding("ctrl+o", "load_preset", "Load preset"),
+    ]
+
+    def __init__(self, cfg: RunConfig, notes: List[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.notes = list(notes)
+        self.problems: List[str] = []
+        self.preset_path = "preset.toml"
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="form-body"):
+            with VerticalScroll(id="fields", can_focus=False):
+                for name in C.FIELDS:
+                    with Horizontal(classes="row", id=f"row-{name}"):
+                        yield Label(LABELS.get(name, name), classes="field-label")
+                        yield field_widget(name, getattr(self.cfg, name))
+            with VerticalScroll(id="side", can_focus=False):
+                yield Static(id="strategy-help")
+                yield Static(id="params")
+                yield Static(id="notes")
+                yield Static(id="problems")
+                yield Static(id="command")
+                yield Button("Start  ctrl+r", id="start", variant="success")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "new run"
+        self.revalidate()
+
+    # -- reading the form -------------------------------------------------------------------------
+
+    def raw_values(self) -> Dict[str, Any]:
+        values: Dict[str, Any] = {}
+        for name in C.FIELDS:
+            widget = self.query_one(f"#f-{name}")
+            values[name] = widget.value
+        return values
+
+    def valid_config(self) -> Optional[RunConfig]:
+        """The config in the form, or None while anything is invalid."""
+        return None if self.problems else self.cfg
+
+    def revalidate(self) -> None:
+        problems: List[str] = []
+        try:
+            cfg = C.from_mapping(self.raw_values())
+        except C.ConfigError as exc:
+            problems = exc.problems
+            cfg = None
+        if cfg is not None:
+            problems = C.validate(cfg)
+            self.cfg = cfg
+        self.problems = problems
+        bad = {p.split(" ")[0] for p in problems}
+        for name in C.FIELDS:
+            self.query_one(f"#row-{name}").set_class(name in bad, "-invalid")
+        strategy = self.query_one("#f-strategy", Select).value
+        self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
+        self.query_one("#strategy-help", Static).update(f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
+        self.query_one("#problems", Static).update(
+            "\n".join(f"[red]✗[/red] {p}" for p in problems) if problems else "[green]✓ ready to start[/green]")
+        self.query_one("#notes", Static).update("\n".join(f"[yellow]•[/yellow] {n}" for n in self.notes))
+        self.query_one("#command", Static).update(
+            "" if problems else f"[dim]same run headless:[/dim]\n{command_line(self.cfg)}")
+        self.query_one("#start", Button).disabled = bool(problems)
+        if not problems:
+            self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    def _changed(self) -> None:
+        if self.is_mounted:
+            self.revalidate()
+
+    @work(thread=True, exclusive=True, group="params")
+    def _count_params(self, backbone: str, strategy: str, dataset: str, data_root: str) -> None:
+        from core.suggest import class_count, param_counts
+
+        try:
+            classes = class_count(dataset, data_root)
+            trainable, total = param_counts(backbone, strategy, classes or 10)
+            text = (f"trainable parameters [b]{trainable:,}[/b] of {total:,} "
+                    f"({100 * trainable / total:.1f}%)" + ("" if classes else " (class count unknown)"))
+        except Exception as exc:
+            text = f"parameter count unavailable: {exc}"
+        self.app.call_from_thread(self.query_one("#params", Static).update, text)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    @on(Button.Pressed, "#start")
+    async def action_start(self) -> None:
+        self.revalidate()
+        if self.problems:
+            self.notify("Fix the settings marked in red first:\n" + "\n".join(self.problems),
+                        title="Cannot start", severity="error")
+            return
+        await self.app.start_run(self.cfg)
+
+    def load_config(self, cfg: RunConfig, note: str = "") -> None:
+        for name in C.FIELDS:
+            widget = self.query_one(f"#f-{name}")
+            value = getattr(cfg, name)
+            if isinstance(widget, Input):
+                widget.value = f"{value:g}" if isinstance(value, float) else str(value)
+            else:
+                widget.value = value
+        if note:
+            self.notes = [note]
+        self.revalidate()
+
+    def action_save_preset(self) -> None:
+        if self.problems:
+            self.notify("Only a valid form can be saved.", severity="error")
+            return
+
+        def save(path: Optional[str]) -> None:
+            if not path:
+                return
+            try:
+                C.save(self.cfg, path)
+            except (OSError, ValueError) as exc:
+                self.notify(f"Could not save {path}: {exc}", severity="error")
+                return
+            self.preset_path = path
+            self.notify(f"Saved the settings to {path} (use it with transferlab train --config {path})")
+
+        self.app.push_screen(PathScreen("Save the settings to (.toml or .json):", self.preset_path), save)
+
+    def action_load_preset(self) -> None:
+        def load(path: Optional[str]) -> None:
+            if not path:
+                return
+            try:
+                cfg = C.load(path)
+            except C.ConfigError as exc:
+                self.notify("\n".join(exc.problems), title=f"Could not load {path}", severity="error")
+                return
+            self.preset_path = path
+            self.load_config(cfg, note=f"Loaded {path}.")
+            self.notify(f"Loaded {path}")
+
+        self.app.push_screen(PathScreen("Load settings from (.toml or .json):", self.preset_path), load)

@@ -1,0 +1,177 @@
+"""All runs in the runs folder: a table, overlaid curves of the selected runs, a comparison."""
+from __future__ import annotations
+
+from typing import Dict, List, Set
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Header, Label, Static
+
+from core import events as ev
+from core.cli import comparison_rows, fmt_acc, fmt_duration, newest_per_strategy
+from core.store import RunRecord, list_runs, read_events
+from tui.plots import AccuracyPlot, LossPlot
+
+
+class CompareScreen(ModalScreen):
+    """The tutorial's comparison: strategy -> final test accuracy, difference to scratch."""
+
+    BINDINGS = [Binding("escape,c,q", "close", "Close")]
+
+    def __init__(self, runs: List[RunRecord]) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Label("[b]Transfer learning comparison[/b] (final test accuracy; Esc closes)")
+            yield DataTable(id="compare-table", cursor_type="row")
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("strategy", "run", "epochs", "final acc", "best acc", "vs scratch", "status")
+        for row in comparison_rows(self.runs):
+            diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
+            table.add_row(row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
+                          fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+
+class RunsScreen(Screen):
+    """Every run; space selects runs to overlay, enter opens one, c compares."""
+
+    BINDINGS = [
+        Binding("space", "toggle_select", "Select"),
+        Binding("enter", "open", "Open"),
+        Binding("c", "compare", "Compare"),
+        Binding("e", "edit", "Edit & rerun"),
+        Binding("g", "reload", "Reload"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: List[RunRecord] = []
+        self.selected: Set[str] = set()
+        self.curves: Dict[str, tuple] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="runs-body"):
+            yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+            yield Static("", id="runs-hint")
+            with Horizontal(id="overlay"):
+                yield LossPlot("smoothed loss per step", overlay=True, id="overlay-loss")
+                yield AccuracyPlot("test accuracy per epoch", id="overlay-acc")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "runs"
+        table = self.query_one(DataTable)
+        table.add_column("✓", key="sel", width=1)
+        for label in ("run", "strategy", "dataset", "lr", "epochs", "best acc", "status", "time"):
+            table.add_column(label, key=label)
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        table = self.query_one(DataTable)
+        self.runs = list_runs(self.app.runs_dir)
+        row_key = None
+        if table.row_count and table.cursor_row < table.row_count:
+            row_key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        table.clear()
+        for run in reversed(self.runs):  # newest first
+            s, c = run.summary, run.config
+            lr = f"{c.lr:g}" + (f"/{c.lr_backbone:g}" if c.strategy == "discriminative" else "")
+            table.add_row("✓" if run.run_id in self.selected else "", run.run_id, c.strategy, c.dataset, lr,
+                          f"{s.get('epochs_done', 0)}/{c.epochs}", fmt_acc(s.get("best_test_acc")),
+                          str(s.get("status")), fmt_duration(s.get("seconds")), key=run.run_id)
+        if row_key is not None and row_key in {r.run_id for r in self.runs}:
+            table.move_cursor(row=table.get_row_index(row_key))
+        self._update_hint()
+        self._replot()
+
+    def _update_hint(self) -> None:
+        self.query_one("#runs-hint", Static).update(
+            f"{len(self.runs)} run(s) in {self.app.runs_dir} · space: select to overlay ({len(self.selected)} "
+            f"selected) · enter: open · c: compare · e: edit & rerun" if self.runs else
+            f"No runs in {self.app.runs_dir} yet: start one from the form (F1, then ctrl+r).")
+
+    def current(self) -> RunRecord | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+        return next((r for r in self.runs if r.run_id == key), None)
+
+    def action_toggle_select(self) -> None:
+        run = self.current()
+        if run is None:
+            return
+        self.selected.symmetric_difference_update({run.run_id})
+        table = self.query_one(DataTable)
+        table.update_cell(run.run_id, "sel", "✓" if run.run_id in self.selected else "")
+        self._update_hint()
+        self._replot()
+
+    def _curves(self, run: RunRecord) -> tuple:
+        """(losses per global step, test accuracy per epoch) of a run, read once per run."""
+        mtime = (run.path / "metrics.jsonl").stat().st_mtime if (run.path / "metrics.jsonl").exists() else 0
+        cached = self.curves.get(run.run_id)
+        if cached is None or cached[0] != mtime:
+            steps, accs = [], []
+            for event in read_events(run.path):
+                if isinstance(event, ev.StepEnded):
+                    steps.append((event.global_step, event.loss))
+                elif isinstance(event, ev.EpochEnded):
+                    accs.append((event.epoch, event.test_acc))
+            cached = self.curves[run.run_id] = (mtime, steps, accs)
+        return cached[1], cached[2]
+
+    def _replot(self) -> None:
+        loss, acc = self.query_one("#overlay-loss", LossPlot), self.query_one("#overlay-acc", AccuracyPlot)
+        loss.reset()
+        acc.reset()
+        for run in self.runs:
+            if run.run_id not in self.selected:
+                continue
+            label = f"{run.config.strategy} {run.run_id[9:15]}"
+            steps, accs = self._curves(run)
+            for step, value in steps:
+                loss.add(label, step, value)
+            for epoch, value in accs:
+                acc.add(label, epoch, value)
+
+    def action_open(self) -> None:
+        from tui.dashboard import DashboardScreen
+
+        run = self.current()
+        if run is not None:
+            self.app.push_screen(DashboardScreen(events=read_events(run.path), live=False))
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self) -> None:
+        self.action_open()
+
+    def action_compare(self) -> None:
+        chosen = [r for r in self.runs if r.run_id in self.selected]
+        chosen = chosen or newest_per_strategy(self.runs)
+        if not chosen:
+            self.notify("No finished runs to compare yet.", severity="warning")
+            return
+        self.app.push_screen(CompareScreen(chosen))
+
+    async def action_edit(self) -> None:
+        run = self.current()
+        if run is not None:
+            await self.app.edit_config(run.config)
+
+    def action_reload(self) -> None:
+        self.reload()

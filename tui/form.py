@@ -61,12 +61,12 @@ class FormScreen(Screen):
                         yield Label(LABELS.get(name, name), classes="field-label")
                         yield field_widget(name, getattr(self.cfg, name))
             with VerticalScroll(id="side", can_focus=False):
+                yield Static(id="problems")
+                yield Button("Start  ctrl+r", id="start", variant="success", compact=True)
                 yield Static(id="strategy-help")
                 yield Static(id="params")
                 yield Static(id="notes")
-                yield Static(id="problems")
                 yield Static(id="command")
-                yield Button("Start  ctrl+r", id="start", variant="success")
         yield Footer()
 
     def on_mount(self) -> None:

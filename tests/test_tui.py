@@ -1,0 +1,236 @@
+"""Pilot tests of the Textual app: real runs on tiny digits subsets, in the app's worker."""
+import asyncio
+import json
+
+import pytest
+from textual.widgets import Button, Input, RichLog, Select
+
+from core import events as ev
+from core.config import RunConfig
+from core.store import list_runs
+from core.trainer import train
+from tui.app import TransferLabApp
+from tui.dashboard import DashboardScreen
+from tui.dialogs import ConfirmScreen
+from tui.plots import AccuracyPlot, LossPlot
+from tui.runs import CompareScreen, RunsScreen
+
+SIZE = (100, 32)
+
+
+def tiny(tmp_path, **changes):
+    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=16, epochs=1,
+                    limit_train=48, limit_test=32, device="cpu", runs_dir=str(tmp_path / "runs"))
+    return cfg.replace(**changes)
+
+
+async def wait_until(pilot, condition, timeout=120.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+def log_text(screen):
+    return "\n".join(line.text for line in screen.query_one("#log", RichLog).lines)
+
+
+async def test_invalid_values_show_messages_and_block_start(tmp_path):
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-lr", Input).value = "-1"
+        form.query_one("#f-epochs", Input).value = "two"
+        await pilot.pause()
+        problems = str(form.query_one("#problems").render())
+        assert "epochs must be a whole number, got 'two'" in problems
+        assert form.query_one("#start", Button).disabled
+        assert form.query_one("#row-epochs").has_class("-invalid")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert app.live is None and isinstance(app.screen, type(form))
+        form.query_one("#f-epochs", Input).value = "1"
+        await pilot.pause()
+        assert "lr must be a positive number, got -1.0" in str(form.query_one("#problems").render())
+        form.query_one("#f-lr", Input).value = "0.01"
+        await pilot.pause()
+        assert not form.query_one("#start", Button).disabled
+        assert "ready to start" in str(form.query_one("#problems").render())
+        assert "--lr 0.01" in str(form.query_one("#command").render())
+
+
+async def test_backbone_lr_only_for_discriminative(tmp_path):
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        assert form.query_one("#f-lr_backbone").disabled
+        form.query_one("#f-strategy", Select).value = "discriminative"
+        await pilot.pause()
+        assert not form.query_one("#f-lr_backbone").disabled
+        assert "discriminative" in str(form.query_one("#strategy-help").render())
+        await wait_until(pilot, lambda: "trainable parameters" in str(form.query_one("#params").render()))
+
+
+async def test_tiny_run_from_form_to_finished_dashboard(tmp_path):
+    app = TransferLabApp(tiny(tmp_path, epochs=2))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.live is not None and app.live.status == ev.COMPLETED)
+        await pilot.pause(0.3)
+        dash = app.screen
+        assert isinstance(dash, DashboardScreen)
+        loss, acc = dash.query_one(LossPlot), dash.query_one(AccuracyPlot)
+        assert loss.points() == 6  # 3 steps x 2 epochs
+        assert [len(acc.series[k][0]) for k in ("train", "test")] == [2, 2]
+        assert "final test accuracy 0." in log_text(dash)
+        (run,) = list_runs(tmp_path / "runs")
+        assert run.summary["status"] == "completed" and (run.path / "checkpoints" / "best").is_dir()
+        assert "completed" in str(dash.query_one("#stats").render())
+        # back to the form with the same settings, to tweak and run again
+        await pilot.press("e")
+        await pilot.pause()
+        assert app.screen.query_one("#f-epochs", Input).value == "2"
+
+
+async def test_graceful_stop_mid_run(tmp_path):
+    app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.screen.last_step is not None)
+        await pilot.press("s")
+        await wait_until(pilot, lambda: app.live.status == ev.STOPPED)
+        await app.workers.wait_for_complete()
+        (run,) = list_runs(tmp_path / "runs")
+        assert run.summary["status"] == "stopped"
+        assert (run.path / "checkpoints" / "last" / "meta.json").exists()
+        assert run.summary["epochs_done"] < 30
+        await pilot.pause(0.2)
+        assert "stopped" in log_text(app.screen)
+
+
+async def test_setup_error_is_shown_and_app_stays_usable(tmp_path):
+    app = TransferLabApp(tiny(tmp_path, dataset=f"imagefolder:{tmp_path / 'nowhere'}"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.live.status == "not started")
+        await pilot.pause()
+        assert "needs a train/ folder" in log_text(app.screen)
+        assert not (tmp_path / "runs").exists() or not list_runs(tmp_path / "runs")
+        await pilot.press("f1")
+        await pilot.pause()
+        app.screen.query_one("#f-dataset", Input).value = "digits"
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.live.status == ev.COMPLETED)
+
+
+async def test_exception_inside_the_worker_fails_the_run_not_the_app(tmp_path, monkeypatch):
+    import core.trainer
+
+    def exploding(self, epoch):
+        raise RuntimeError("simulated crash in the training loop")
+
+    monkeypatch.setattr(core.trainer.Trainer, "_evaluate", exploding)
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.live.status == ev.FAILED)
+        await pilot.pause(0.2)
+        assert "simulated crash in the training loop" in log_text(app.screen)
+        (run,) = list_runs(tmp_path / "runs")
+        assert run.summary["status"] == "failed" and (run.path / "error.txt").exists()
+        await pilot.press("f3")
+        await pilot.pause()
+        assert isinstance(app.screen, RunsScreen) and app.screen.query_one("#runs-table").row_count == 1
+
+
+async def test_quit_during_a_run_asks_then_stops_gracefully(tmp_path):
+    app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.live.status == "running")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Stop run" in titles and "Start run" not in titles
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.live.status == ev.STOPPED)
+    (run,) = list_runs(tmp_path / "runs")
+    assert run.summary["status"] == "stopped"
+
+
+def make_runs(tmp_path):
+    train(tiny(tmp_path, strategy="finetune"))
+    train(tiny(tmp_path, strategy="scratch"))
+    return list_runs(tmp_path / "runs")
+
+
+async def test_runs_screen_lists_overlays_and_compares(tmp_path):
+    runs = make_runs(tmp_path)
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Start run" in titles and "Stop run" not in titles
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, RunsScreen)
+        assert screen.query_one("#runs-table").row_count == 2
+        await pilot.press("space", "down", "space")
+        await pilot.pause()
+        assert screen.selected == {r.run_id for r in runs}
+        loss = screen.query_one("#overlay-loss", LossPlot)
+        acc = screen.query_one("#overlay-acc", AccuracyPlot)
+        assert len(loss.smooth) == 2 and len(acc.series) == 2
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, CompareScreen)
+        table = app.screen.query_one("#compare-table")
+        assert table.row_count == 2
+        finetune_row = [table.get_row_at(i) for i in range(2) if table.get_row_at(i)[0] == "finetune"][0]
+        expected = runs[0].summary["final_test_acc"] - runs[1].summary["final_test_acc"]
+        assert finetune_row[5] == f"{expected:+.4f}"
+        await pilot.press("escape")
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        replay = app.screen
+        assert isinstance(replay, DashboardScreen) and not replay.live
+        assert replay.query_one(LossPlot).points() == 3 and replay.results
+
+
+def test_cli_flags_prefill_the_tui():
+    from core.cli import main
+
+    seen = {}
+
+    def fake_launch(cfg, explicit):
+        seen["cfg"], seen["explicit"] = cfg, explicit
+        return 0
+
+    assert main(["--dataset", "digits", "--epochs", "1"], launch_tui=fake_launch) == 0
+    assert seen["cfg"].dataset == "digits" and seen["cfg"].epochs == 1
+    assert seen["explicit"] == {"dataset", "epochs"}
+    assert main(["tui", "--runs-dir", "elsewhere"], launch_tui=fake_launch) == 0
+    assert seen["cfg"].runs_dir == "elsewhere"
+    assert main(["--epochs", "x"], launch_tui=fake_launch) == 2
+
+
+def test_machine_defaults_keep_what_the_user_gave(monkeypatch, tmp_path):
+    import core.suggest as S
+
+    monkeypatch.setattr(S, "reachable", lambda url, timeout=2.0: False)
+    cfg, notes = S.machine_defaults(RunConfig(data_root=str(tmp_path)))
+    assert (cfg.dataset, cfg.pretrained, cfg.image_size) == ("digits", "none", S.CPU_IMAGE_SIZE)
+    assert len(notes) == 3 and "cifar-10-python.tar.gz" in notes[0] and "offline" in notes[1]
+    kept, notes = S.machine_defaults(RunConfig(data_root=str(tmp_path), image_size=64), keep={"image_size", "dataset"})
+    assert (kept.dataset, kept.image_size) == ("cifar10", 64) and len(notes) == 1

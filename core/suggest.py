@@ -6,6 +6,7 @@ CPU-only machine. `machine_defaults` proposes what can, with a note saying why f
 from __future__ import annotations
 
 import socket
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, List, Tuple
@@ -70,15 +71,24 @@ def class_count(dataset: str, data_root: str) -> int:
     return 0
 
 
-@lru_cache(maxsize=64)
-def param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, int]:
-    """(trainable, total) parameters of `backbone` with a `num_classes` head under `strategy`.
+_build_lock = threading.Lock()
 
-    Builds the model (random weights) once per combination: call it off the UI thread.
-    """
+
+@lru_cache(maxsize=64)
+def _param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, int]:
     from core.models import build_model
     from core.strategies import count_params, prepare
 
     model, head = build_model(backbone, max(num_classes, 2), "none")
     prepare(model, strategy, head)
     return count_params(model)
+
+
+def param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, int]:
+    """(trainable, total) parameters of `backbone` with a `num_classes` head under `strategy`.
+
+    Builds the model (random weights) once per combination: call it off the UI thread. Calls are
+    serialised: two threads building OneFlow models at once were seen to deadlock.
+    """
+    with _build_lock:
+        return _param_counts(backbone, strategy, num_classes)

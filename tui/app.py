@@ -81,6 +81,7 @@ class TransferLabApp(App):
 
     def __init__(self, cfg: Optional[RunConfig] = None, notes: Iterable[str] = (), runs_dir: Optional[str] = None):
         super().__init__()
+        import core.backend  # noqa: F401  oneflow is imported on the main thread, never first in a worker
         from tui.dashboard import DashboardScreen
         from tui.form import FormScreen
         from tui.runs import RunsScreen
@@ -247,8 +248,6 @@ class TransferLabApp(App):
 def run_app(cfg: RunConfig, explicit: Set[str]) -> int:
     """Open the TUI with `cfg`; settings the user did not give are adapted to this machine."""
     from core.suggest import machine_defaults
-
-    import core.backend  # noqa: F401  import oneflow on the main thread, before the screen opens
 
     cfg, notes = machine_defaults(cfg, keep=explicit)
     TransferLabApp(cfg, notes).run()

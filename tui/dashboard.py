@@ -197,8 +197,7 @@ class DashboardScreen(Screen):
     def action_toggle_raw(self) -> None:
         plot = self.query_one(LossPlot)
         plot.show_raw = not plot.show_raw
-        plot.mark_dirty()
-        self.notify(f"raw loss {'shown' if plot.show_raw else 'hidden'}", timeout=1.5)
+        plot.redraw_now()
 
     def action_back(self) -> None:
         if not self.live:

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 from textual_plotext import PlotextPlot
 
 REDRAW_SECONDS = 0.2
+COLORS = ("cyan", "orange", "green", "magenta", "blue", "red", "yellow", "white")
 
 
 @dataclass
@@ -74,6 +75,11 @@ class TimedPlot(PlotextPlot):
     def mark_dirty(self) -> None:
         self.dirty = True
 
+    def redraw_now(self) -> None:
+        """Redraw at once (after a key press), not on the next tick."""
+        self.dirty = True
+        self._redraw_if_dirty()
+
     def _redraw_if_dirty(self) -> None:
         if not self.dirty:
             return
@@ -122,11 +128,14 @@ class LossPlot(TimedPlot):
 
     def draw(self, plt) -> None:
         single = not self.overlay
-        for name, raw in self.raw.items():
+        for i, (name, raw) in enumerate(self.raw.items()):
             if self.show_raw and single:
                 plt.plot(raw.xs, raw.ys, label="raw", marker="braille", color="gray")
             smooth = self.smooth[name]
-            plt.plot(smooth.xs, smooth.ys, label="smoothed" if single else name, marker="braille")
+            plt.plot(smooth.xs, smooth.ys, label="smoothed" if single else name, marker="braille",
+                     color=COLORS[i % len(COLORS)])
+        if single and not self.show_raw:
+            self.plt.title(f"{self.title} (smoothed only: r shows raw)")
         plt.xlabel("step")
 
 
@@ -149,8 +158,10 @@ class AccuracyPlot(TimedPlot):
 
     def draw(self, plt) -> None:
         epochs: Sequence[int] = sorted({x for xs, _ in self.series.values() for x in xs})
-        for name, (xs, ys) in self.series.items():
-            plt.plot(xs, ys, label=name, marker="hd")
+        for i, (name, (xs, ys)) in enumerate(self.series.items()):
+            color = COLORS[i % len(COLORS)]
+            plt.plot(xs, ys, label=name, marker="braille", color=color)
+            plt.scatter(xs, ys, marker="dot", color=color)
         if epochs:
             plt.xticks(list(epochs))
         plt.ylim(0, 1)

@@ -2,10 +2,7 @@
 
 Every other module gets oneflow from here (`from core.backend import flow`).
 
-- The PyPI oneflow 0.9.0 wheel is a CUDA 11.7 build that needs cuDNN 8 and cuBLAS 11 at import
-  time, even on a CPU. When the nvidia-cudnn-cu11 / nvidia-cublas-cu11 wheels live in the same
-  site-packages as oneflow, its RPATH finds them; when they live elsewhere (another site-packages
-  on sys.path) they are preloaded here, so no LD_LIBRARY_PATH is ever needed.
+- The CUDA libraries oneflow loads at import are preloaded when needed by `core/__init__.py`.
 - `import oneflow` replaces Python's SIGINT handler (Ctrl-C then segfaults mid-training): the
   default handler is restored right after the import, so Ctrl-C raises KeyboardInterrupt.
 - `pick_device` resolves auto/cpu/cuda and runs a tiny probe on the GPU, so that a GPU this
@@ -13,41 +10,14 @@ Every other module gets oneflow from here (`from core.backend import flow`).
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Dict, Optional
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # oneflow's glog warnings would draw over the TUI
 
-_CUDA_LIBS = {
-    "cublas": ("libcublasLt.so.11", "libcublas.so.11"),
-    "cudnn": ("libcudnn.so.8", "libcudnn_ops_infer.so.8", "libcudnn_ops_train.so.8",
-              "libcudnn_cnn_infer.so.8", "libcudnn_cnn_train.so.8",
-              "libcudnn_adv_infer.so.8", "libcudnn_adv_train.so.8"),
-}
-
-
-def _preload_cuda_libraries() -> None:
-    spec = importlib.util.find_spec("oneflow")
-    nvidia = importlib.util.find_spec("nvidia")
-    if spec is None or spec.origin is None or nvidia is None:
-        return
-    site = Path(spec.origin).resolve().parents[1]
-    for base in nvidia.submodule_search_locations or []:
-        for package, names in _CUDA_LIBS.items():
-            lib = Path(base) / package / "lib"
-            if not lib.is_dir() or lib.resolve().parents[2] == site:
-                continue  # oneflow's RPATH ($ORIGIN/../nvidia/*/lib) finds these by itself
-            for name in names:
-                if (lib / name).exists():
-                    ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
-
-
-_preload_cuda_libraries()
+import core  # noqa: E402,F401  its __init__ preloads the CUDA libraries when needed
 import oneflow as flow  # noqa: E402
 
 if threading.current_thread() is threading.main_thread():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 STRATEGIES = {
-    "finetune": "Train every layer from the ImageNet weights with one learning rate.",
+    "finetune": "Train every layer from the pretrained weights with one learning rate.",
     "discriminative": "Train every layer: a small LR for the backbone, a larger one for the new head.",
     "frozen": "Freeze the backbone (weights and BatchNorm statistics); train only the new head.",
     "scratch": "No pretrained weights: random initialisation, every layer trains.",

@@ -39,3 +39,23 @@ def test_ctrl_c_during_oneflow_work_raises_keyboardinterrupt():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.strip().splitlines()[-1] == "KeyboardInterrupt"
+
+
+def test_cuda_libraries_elsewhere_are_preloaded_by_import_core(tmp_path):
+    """nvidia wheels outside oneflow's site-packages (e.g. the user site): `import core` dlopens
+    them, so `import oneflow` needs no LD_LIBRARY_PATH."""
+    import nvidia
+
+    real = next(p for p in (__import__("pathlib").Path(x) for x in nvidia.__path__) if (p / "cudnn" / "lib").is_dir())
+    for package in ("cudnn", "cublas"):
+        (tmp_path / "nvidia" / package / "lib").mkdir(parents=True)
+        for lib in (real / package / "lib").glob("*.so*"):
+            (tmp_path / "nvidia" / package / "lib" / lib.name).symlink_to(lib)
+    code = ("import core, oneflow\n"
+            "print(oneflow.ones(2).sum().item() == 2 and sorted(p.rsplit('/', 1)[1] for p in core.PRELOADED\n"
+            f"      if p.startswith({str(tmp_path)!r})))")
+    env = cli_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "libcudnn_cnn_train.so.8" in loaded and "libcublas.so.11" in loaded, out.stderr[-2000:]

@@ -156,8 +156,8 @@ class DashboardScreen(Screen):
 
     def _update_stats(self) -> None:
         step = self.last_step
-        done_epochs = len(self.results)
-        self.query_one("#epoch-label", Label).update(f"epoch {done_epochs}/{self.epochs or '-'} ")
+        current = step.epoch if step else 0
+        self.query_one("#epoch-label", Label).update(f"epoch {current}/{self.epochs or '-'} ")
         per_epoch = self.started.steps_per_epoch if self.started else "-"
         self.query_one("#step-label", Label).update(f" step {step.step if step else 0}/{per_epoch} ")
         parts = [f"status [b]{self.status}[/b]"]

@@ -1,0 +1,177 @@
+"""UI latency during training, and training throughput: TUI vs CLI vs the tutorial's own loop.
+
+Runs, side by side on this machine, the same digits run (ResNet-18, random init, 32 px, batch 64):
+
+1. the TUI in a real terminal (tmux, 120x36): while it trains, presses `r` (toggle the raw loss
+   curve) N times and measures key-press-to-screen latency by polling the terminal's contents
+   until the change appears (tmux capture-pane, ~5 ms resolution);
+2. the same run through `transferlab train` (the headless CLI);
+3. the tutorial's own pipeline: its per-image PIL transforms in a DataLoader (num_workers=4) and
+   its training loop, on the same images, model and optimizer.
+
+Prints p50/p95/max latency (target: p95 < 100 ms) and the throughput ratios.
+Usage: .venv/bin/python benchmarks/ui_latency.py [--presses 40] [--epochs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = str(Path(sys.executable).with_name("transferlab"))
+ARGS = ["--dataset", "digits", "--pretrained", "none", "--image-size", "32", "--batch-size", "64",
+        "--device", "cpu"]
+SESSION = "transferlab-bench"
+
+
+def tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
+
+
+def screen() -> str:
+    return tmux("capture-pane", "-p", "-t", SESSION)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate(screen()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}:\n{screen()}")
+        time.sleep(0.05)
+
+
+def step_rates(run_dir: Path) -> list:
+    """images/s of every StepEnded after each epoch's first step (start-up excluded)."""
+    rates = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == "StepEnded" and record["step"] > 1:
+            rates.append(record["images_per_sec"])
+    return rates
+
+
+def bench_tui(work: Path, presses: int, epochs: int) -> tuple:
+    runs = work / "tui-runs"
+    cmd = " ".join([EXE, "tui", *ARGS, "--epochs", str(epochs), "--runs-dir", str(runs)])
+    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    tmux("new-session", "-d", "-s", SESSION, "-x", "120", "-y", "36", "-c", str(work), cmd)
+    try:
+        wait_for(lambda s: "Start" in s and "strategy" in s, 60, "the form")
+        tmux("send-keys", "-t", SESSION, "C-r")
+        wait_for(lambda s: "status running · epoch 1/" in s, 120, "the first steps")
+        latencies = []
+        for _ in range(presses):
+            before = "smoothed only" in screen()
+            start = time.perf_counter()
+            tmux("send-keys", "-t", SESSION, "r")
+            while ("smoothed only" in screen()) == before:
+                if time.perf_counter() - start > 5:
+                    raise TimeoutError("the key press never showed")
+            latencies.append((time.perf_counter() - start) * 1000)
+            time.sleep(random.uniform(0.2, 0.6))
+        wait_for(lambda s: "completed after" in s, 1800, "the end of the run")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    (run_dir,) = runs.iterdir()
+    return latencies, step_rates(run_dir)
+
+
+def bench_cli(work: Path, epochs: int) -> list:
+    runs = work / "cli-runs"
+    subprocess.run([EXE, "train", *ARGS, "--epochs", str(epochs), "--runs-dir", str(runs)], cwd=work,
+                   check=True, capture_output=True)
+    (run_dir,) = runs.iterdir()
+    return step_rates(run_dir)
+
+
+def bench_tutorial(steps: int) -> float:
+    """The tutorial's pipeline and loop (its transforms, DataLoader and train step), in img/s."""
+    import numpy as np
+    from PIL import Image
+
+    from core.backend import flow
+    from core.data import load_digits
+    import flowvision.transforms as transforms
+    from flowvision.models import resnet18
+    from oneflow import nn
+    from oneflow.utils.data import DataLoader, Dataset
+
+    train, _ = load_digits()
+
+    class Digits(Dataset):
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(train.images[i])), int(train.labels[i])
+
+    transform = transforms.Compose([
+        transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.Resize(32),
+        transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    loader = DataLoader(Digits(transform), batch_size=64, shuffle=True, num_workers=4)
+    model = resnet18()
+    model.fc = nn.Linear(model.fc.in_features, 10)
+    optimizer = flow.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
+    loss_func = nn.CrossEntropyLoss()
+    model.train()
+    images_done, start = 0, None
+    for batch, (images, labels) in enumerate(loader):
+        if batch == 1:  # exclude start-up, as for the others
+            start, images_done = time.perf_counter(), 0
+        preds = model(images)
+        loss = loss_func(preds, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if batch % 100 == 0:
+            print(f"  tutorial loss: {loss.numpy():>7f}")
+        images_done += len(labels)
+        if batch >= steps:
+            break
+    loss.numpy()
+    return images_done / (time.perf_counter() - start) if start else float(np.nan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presses", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    if shutil.which("tmux") is None:
+        sys.exit("tmux is needed (apt-get install tmux)")
+    work = Path(tempfile.mkdtemp(prefix="transferlab-bench-"))
+    try:
+        print(f"TUI: {args.presses} key presses while training ({args.epochs} epochs of digits)...", flush=True)
+        latencies, tui_rates = bench_tui(work, args.presses, args.epochs)
+        print("CLI: the same run...", flush=True)
+        cli_rates = bench_cli(work, args.epochs)
+        print("tutorial pipeline: 20 steps...", flush=True)
+        tutorial = bench_tutorial(20)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    latencies.sort()
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * len(latencies))) - 1)]
+    tui, cli = statistics.median(tui_rates), statistics.median(cli_rates)
+    print(f"\nkey-press-to-screen latency during training ({len(latencies)} presses): "
+          f"p50 {statistics.median(latencies):.0f} ms, p95 {p95:.0f} ms, max {latencies[-1]:.0f} ms "
+          f"-> target p95 < 100 ms: {'MET' if p95 < 100 else 'NOT MET'}")
+    print(f"training throughput (median img/s per step): TUI {tui:.1f}, CLI {cli:.1f}, "
+          f"tutorial pipeline {tutorial:.1f}")
+    print(f"ratio TUI/CLI {tui / cli:.2f}; CLI/tutorial {cli / tutorial:.2f}; TUI/tutorial {tui / tutorial:.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

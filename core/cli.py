@@ -173,6 +173,9 @@ def cmd_train(cfg: C.RunConfig) -> int:
         except (DeviceError, DataError, WeightsError, C.ConfigError) as exc:
             err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
             return EXIT_FAILED
+        except KeyboardInterrupt:
+            err.print("interrupted before training started; nothing was written")
+            return EXIT_ABORTED
     presses = []
 
     def on_sigint(signum: int, frame: Any) -> None:

@@ -135,17 +135,17 @@ class Trainer:
         started = time.time()
         status, message, epochs_done = ev.COMPLETED, "", 0
         self.rng = np.random.default_rng(cfg.seed)
-        self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay)
-        self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
-        self.loss_fn = nn.CrossEntropyLoss().to(p.device)
-        self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
-        self.transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size,
-                                        cfg.normalize, cfg.hflip, cfg.vflip)
-        self.test_transform = BatchTransform(flow, p.device, p.test.images.shape[1:3], cfg.image_size,
-                                             cfg.normalize, False, False)
         self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
         try:
+            self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
+                                            weight_decay=cfg.weight_decay)
+            self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
+            self.loss_fn = nn.CrossEntropyLoss().to(p.device)
+            self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
+            self.transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size,
+                                            cfg.normalize, cfg.hflip, cfg.vflip)
+            self.test_transform = BatchTransform(flow, p.device, p.test.images.shape[1:3], cfg.image_size,
+                                                 cfg.normalize, False, False)
             self.emit(ev.RunStarted(
                 run_id=self.writer.run_id, run_dir=str(self.writer.path), config=cfg.to_dict(),
                 device=p.device, trainable_params=p.trainable, total_params=p.total,

@@ -11,10 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Static
+from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 
 from core import events as ev
 from core.config import RunConfig, from_mapping
+from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
 
@@ -66,7 +67,7 @@ class DashboardScreen(Screen):
                 yield ProgressBar(id="step-bar", show_eta=False, show_percentage=False)
             yield Static("", id="stats")
             yield RichLog(id="log", wrap=True, markup=True, max_lines=1000)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = "dashboard" if self.live else "run (replay)"

@@ -9,12 +9,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
-from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Button, Header, Input, Label, Select, Static
 
 from core import config as C
 from core.cli import command_line
 from core.config import STRATEGIES, RunConfig
 from tui.dialogs import PathScreen
+from tui.keybar import KeyBar
 
 LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "train subset",
           "limit_test": "test subset", "image_size": "image size", "batch_size": "batch size",
@@ -51,6 +52,7 @@ class FormScreen(Screen):
         self.notes = list(notes)
         self.problems: List[str] = []
         self.preset_path = "preset.toml"
+        self._shown: Dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -67,7 +69,7 @@ class FormScreen(Screen):
                 yield Static(id="params")
                 yield Static(id="notes")
                 yield Static(id="command")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = "new run"
@@ -98,19 +100,30 @@ class FormScreen(Screen):
             self.cfg = cfg
         self.problems = problems
         bad = {p.split(" ")[0] for p in problems}
-        for name in C.FIELDS:
-            self.query_one(f"#row-{name}").set_class(name in bad, "-invalid")
+        for name in C.FIELDS:  # only touch what changed: each style change costs a restyle
+            row = self.query_one(f"#row-{name}")
+            if row.has_class("-invalid") != (name in bad):
+                row.set_class(name in bad, "-invalid")
         strategy = self.query_one("#f-strategy", Select).value
-        self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
-        self.query_one("#strategy-help", Static).update(f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
-        self.query_one("#problems", Static).update(
-            "\n".join(f"[red]✗[/red] {p}" for p in problems) if problems else "[green]✓ ready to start[/green]")
-        self.query_one("#notes", Static).update("\n".join(f"[yellow]•[/yellow] {n}" for n in self.notes))
-        self.query_one("#command", Static).update(
-            "" if problems else f"[dim]same run headless:[/dim]\n{command_line(self.cfg)}")
-        self.query_one("#start", Button).disabled = bool(problems)
+        backbone_lr = self.query_one("#f-lr_backbone")
+        if backbone_lr.disabled != (strategy != "discriminative"):
+            backbone_lr.disabled = strategy != "discriminative"
+        self._show("#strategy-help", f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
+        self._show("#problems", "\n".join(f"[red]✗[/red] {p}" for p in problems) if problems
+                   else "[green]✓ ready to start[/green]")
+        self._show("#notes", "\n".join(f"[yellow]•[/yellow] {n}" for n in self.notes))
+        self._show("#command", "" if problems else f"[dim]same run headless:[/dim]\n{command_line(self.cfg)}")
+        start = self.query_one("#start", Button)
+        if start.disabled != bool(problems):
+            start.disabled = bool(problems)
         if not problems:
             self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
+
+    def _show(self, selector: str, text: str) -> None:
+        """Update a Static only when its text changes (an update re-lays out the side panel)."""
+        if self._shown.get(selector) != text:
+            self._shown[selector] = text
+            self.query_one(selector, Static).update(text)
 
     @on(Input.Changed)
     @on(Select.Changed)

@@ -19,7 +19,7 @@ COLORS = ("cyan", "orange", "green", "magenta", "blue", "red", "yellow", "white"
 class Buckets:
     """A series of (x, y) points reduced to at most SIZE bucket means, in O(1) per point."""
 
-    SIZE = 240
+    SIZE = 150
     xs: List[float] = field(default_factory=list)
     ys: List[float] = field(default_factory=list)
     counts: List[int] = field(default_factory=list)
@@ -66,6 +66,15 @@ class TimedPlot(PlotextPlot):
         super().__init__(**kwargs)
         self.title = title
         self.dirty = True
+        self.version = 0
+        self._cache = None
+
+    def render(self):
+        """Build the figure once per change of data or size; repaints reuse it."""
+        key = (self.version, self.size, self.app.theme)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, super().render())
+        return self._cache[1]
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -89,6 +98,7 @@ class TimedPlot(PlotextPlot):
         plt.clear_figure()
         plt.title(self.title)
         self.draw(plt)
+        self.version += 1
         self.refresh()
 
     def draw(self, plt) -> None:  # pragma: no cover - overridden

@@ -1,6 +1,7 @@
 """All runs in the runs folder: a table, overlaid curves of the selected runs, a comparison."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Set
 
 from textual import on
@@ -8,11 +9,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Header, Label, Static
+from textual.widgets import DataTable, Header, Label, Static
 
 from core import events as ev
 from core.cli import comparison_rows, fmt_acc, fmt_duration, newest_per_strategy
 from core.store import RunRecord, list_runs, read_events
+from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
 
@@ -58,6 +60,7 @@ class RunsScreen(Screen):
         self.runs: List[RunRecord] = []
         self.selected: Set[str] = set()
         self.curves: Dict[str, tuple] = {}
+        self._seen: tuple = ()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -67,7 +70,7 @@ class RunsScreen(Screen):
             with Horizontal(id="overlay"):
                 yield LossPlot("smoothed loss per step", overlay=True, id="overlay-loss")
                 yield AccuracyPlot("test accuracy per epoch", id="overlay-acc")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = "runs"
@@ -78,9 +81,26 @@ class RunsScreen(Screen):
         self.reload()
 
     def on_screen_resume(self) -> None:
-        self.reload()
+        self.reload(only_if_changed=True)
 
-    def reload(self) -> None:
+    def _signature(self) -> tuple:
+        """Which run folders exist and when their summaries last changed."""
+        root = Path(self.app.runs_dir).expanduser()
+        if not root.is_dir():
+            return ()
+        out = []
+        for path in sorted(root.iterdir()):
+            try:
+                out.append((path.name, (path / "summary.json").stat().st_mtime_ns))
+            except OSError:
+                continue
+        return tuple(out)
+
+    def reload(self, only_if_changed: bool = False) -> None:
+        signature = self._signature()
+        if only_if_changed and signature == self._seen:
+            return  # nothing new: skip the table rebuild and the replot
+        self._seen = signature
         table = self.query_one(DataTable)
         self.runs = list_runs(self.app.runs_dir)
         row_key = None

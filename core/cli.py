@@ -233,20 +233,12 @@ class ProgressPrinter:
             self.progress.update(self.task, completed=event.step, epoch=event.epoch, loss=event.loss,
                                  rate=event.images_per_sec)
         elif isinstance(event, ev.EpochEnded) and self.progress is not None:
-            self.progress.console.print(
-                f"epoch {event.epoch}/{self.epochs}: train loss {event.train_loss:.4f} acc "
-                f"{event.train_acc:.4f} | test loss {event.test_loss:.4f} acc {event.test_acc:.4f} "
-                f"({event.seconds:.1f} s)")
+            self.progress.console.print(ev.epoch_summary(event, self.epochs), markup=False)
             self.progress.reset(self.task, epoch=min(event.epoch + 1, self.epochs), epochs=self.epochs,
                                 loss=float("nan"), rate=0.0)
         elif isinstance(event, ev.RunFinished):
             self.close()
-            colour = {ev.COMPLETED: "green", ev.STOPPED: "yellow"}.get(event.status, "red")
-            final = "n/a" if event.final_test_acc is None else f"{event.final_test_acc:.4f}"
-            best = "n/a" if event.best_test_acc is None else f"{event.best_test_acc:.4f}"
-            c.print(f"[{colour}]{event.status}[/{colour}] after {event.epochs_done} epoch(s) in "
-                    f"{event.seconds:.1f} s: final test accuracy {final} (best {best})"
-                    + (f" - {event.message}" if event.message else ""))
+            c.print(ev.finish_summary(event), style=ev.STATUS_COLOURS[event.status], markup=False)
 
     def close(self) -> None:
         if self.progress is not None:

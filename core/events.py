@@ -5,8 +5,8 @@ TUI's bridge are all listeners.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 COMPLETED, STOPPED, ABORTED, FAILED = "completed", "stopped", "aborted", "failed"
 
@@ -89,16 +89,18 @@ def from_record(record: Dict[str, Any]) -> Event:
     return cls(**data)
 
 
-@dataclass
-class Fanout:
-    """Calls every listener with each event; a listener that raises is reported, not fatal."""
+STATUS_COLOURS = {COMPLETED: "green", STOPPED: "yellow", ABORTED: "red", FAILED: "red"}
 
-    listeners: List[Listener] = field(default_factory=list)
-    errors: List[str] = field(default_factory=list)
 
-    def __call__(self, event: Event) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception as exc:  # a broken display must not kill a training run
-                self.errors.append(f"{getattr(listener, '__name__', type(listener).__name__)}: {exc}")
+def epoch_summary(event: EpochEnded, epochs: int) -> str:
+    """One line of an epoch's results, as the CLI and the dashboard print it."""
+    return (f"epoch {event.epoch}/{epochs}: train loss {event.train_loss:.4f} acc {event.train_acc:.4f} | "
+            f"test loss {event.test_loss:.4f} acc {event.test_acc:.4f} ({event.seconds:.1f} s)")
+
+
+def finish_summary(event: RunFinished) -> str:
+    """One line saying how a run ended and its final test accuracy."""
+    final = "n/a" if event.final_test_acc is None else f"{event.final_test_acc:.4f}"
+    best = "n/a" if event.best_test_acc is None else f"{event.best_test_acc:.4f}"
+    return (f"{event.status} after {event.epochs_done} epoch(s) in {event.seconds:.1f} s: final test accuracy "
+            f"{final} (best {best})" + (f" - {event.message}" if event.message else ""))

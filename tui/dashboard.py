@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Iterable, List, Optional
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -139,20 +140,14 @@ class DashboardScreen(Screen):
             acc.add("train", event.epoch, event.train_acc)
             acc.add("test", event.epoch, event.test_acc)
             self.query_one("#epoch-bar", ProgressBar).update(progress=event.epoch)
-            self.log_line(f"epoch {event.epoch}/{self.epochs}: train loss {event.train_loss:.4f} "
-                          f"acc {event.train_acc:.4f} | [b]test loss {event.test_loss:.4f} "
-                          f"acc {event.test_acc:.4f}[/b] ({event.seconds:.1f} s)")
+            self.log_line(escape(ev.epoch_summary(event, self.epochs)))
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
             self.status = event.status
             self.refresh_bindings()
-            colour = {ev.COMPLETED: "green", ev.STOPPED: "yellow"}.get(event.status, "red")
-            final = "n/a" if event.final_test_acc is None else f"{event.final_test_acc:.4f}"
-            best = "n/a" if event.best_test_acc is None else f"{event.best_test_acc:.4f}"
-            self.log_line(f"[{colour}][b]{event.status}[/b][/{colour}] after {event.epochs_done} epoch(s), "
-                          f"{event.seconds:.1f} s: [b]final test accuracy {final}[/b] (best {best})"
-                          + (f" — {event.message}" if event.message else ""))
+            colour = ev.STATUS_COLOURS[event.status]
+            self.log_line(f"[b {colour}]{escape(ev.finish_summary(event))}[/]")
         self._update_stats()
 
     def _update_stats(self) -> None:

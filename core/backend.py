@@ -17,11 +17,12 @@ from typing import Dict, Optional
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # oneflow's glog warnings would draw over the TUI
 
-import core  # noqa: E402,F401  its __init__ preloads the CUDA libraries when needed
+# core/__init__.py (run before this module) has preloaded the CUDA libraries where needed.
 import oneflow as flow  # noqa: E402
 
 if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says why and what to do."""

@@ -2,7 +2,6 @@ import json
 import threading
 
 import numpy as np
-import pytest
 
 from core import events as ev
 from core.store import list_runs, read_events, read_run

@@ -1,8 +1,6 @@
 """Pilot tests of the Textual app: real runs on tiny digits subsets, in the app's worker."""
 import asyncio
-import json
 
-import pytest
 from textual.widgets import Button, Input, RichLog, Select
 
 from core import events as ev

@@ -92,8 +92,7 @@ class RunWriter:
         if self._metrics.closed:
             return
         self._metrics.write(json.dumps(ev.to_record(event)) + "\n")
-        if not isinstance(event, ev.StepEnded):
-            self._metrics.flush()
+        self._metrics.flush()  # a killed run keeps every line written so far
         if isinstance(event, ev.RunStarted):
             self.summary.update(device=event.device, trainable_params=event.trainable_params,
                                 total_params=event.total_params)

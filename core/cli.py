@@ -207,11 +207,11 @@ class ProgressPrinter:
         self.epochs = 0
 
     def __call__(self, event: ev.Event) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
         c = self.console
         if isinstance(event, ev.RunStarted):
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
             cfg = event.config
             self.epochs = cfg["epochs"]
             c.print(f"[bold]run {event.run_id}[/bold]  {cfg['strategy']} {cfg['backbone']} on "

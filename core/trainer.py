@@ -3,6 +3,7 @@ emitting typed events (core.events) to listeners and honouring stop/abort betwee
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 import traceback
@@ -259,8 +260,6 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, step: int, best: bool) -> None:
         """Save model + optimizer as checkpoints/last (atomically), and copy it to best."""
-        import shutil
-
         last = self.writer.checkpoint_dir("last")
         tmp = last.with_name(f".last.tmp-{time.time_ns()}")
         tmp.mkdir(parents=True)

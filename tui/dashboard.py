@@ -15,17 +15,10 @@ from textual.screen import Screen
 from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 
 from core import events as ev
+from core.cli import fmt_duration
 from core.config import RunConfig, from_mapping
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
-
-
-def fmt_eta(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "--:--"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 class DashboardScreen(Screen):
@@ -166,7 +159,7 @@ class DashboardScreen(Screen):
                 done = (step.epoch - 1) * self.started.steps_per_epoch + step.step
                 total = self.epochs * self.started.steps_per_epoch
                 elapsed = time.monotonic() - self.t0
-                parts.append(f"ETA {fmt_eta(elapsed / done * (total - done) if done else None)}")
+                parts.append(f"ETA {fmt_duration(elapsed / done * (total - done)) if done else '-'}")
         if self.results:
             parts.append(f"test acc {self.results[-1].test_acc:.4f}")
         self.query_one("#stats", Static).update(" · ".join(parts))

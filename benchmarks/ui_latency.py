@@ -3,8 +3,10 @@
 Runs, side by side on this machine, the same digits run (ResNet-18, random init, 32 px, batch 64):
 
 1. the TUI in a real terminal (tmux, 120x36): while it trains, presses `r` (toggle the raw loss
-   curve) N times and measures key-press-to-screen latency by polling the terminal's contents
-   until the change appears (tmux capture-pane, ~5 ms resolution);
+   curve) N times and F3, F1, F2 (runs, form, dashboard) N times each, and measures
+   key-press-to-screen latency: after the key is sent, each time the app writes to the
+   terminal (tmux pipe-pane) the screen is read (tmux capture-pane, ~5 ms) until it shows the
+   change;
 2. the same run through `transferlab train` (the headless CLI);
 3. the tutorial's own pipeline: its per-image PIL transforms in a DataLoader (num_workers=4) and
    its training loop, on the same images, model and optimizer.
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,14 +62,41 @@ def step_rates(run_dir: Path) -> list:
     return rates
 
 
-def press(key: str, changed) -> float:
+class PaneOutput:
+    """Counts the chunks the app writes to its terminal (tmux pipe-pane into a FIFO), so that a
+    key press is checked with capture-pane once per new output instead of in a busy loop: each
+    capture starts a tmux client, and a tight loop of them took CPU from the app under test."""
+
+    def __init__(self, fifo: Path):
+        os.mkfifo(fifo)
+        self.count = 0
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, args=(fifo,), daemon=True).start()
+        tmux("pipe-pane", "-t", SESSION, "-o", f"cat > {fifo}")
+
+    def _read(self, fifo: Path) -> None:
+        with open(fifo, "rb", buffering=0) as pipe:
+            while pipe.read(1 << 16):
+                with self.changed:
+                    self.count += 1
+                    self.changed.notify_all()
+
+    def wait_after(self, count: int, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count > count, timeout)
+
+
+def press(output: PaneOutput, key: str, changed) -> float:
     """Send `key`; milliseconds until the terminal shows `changed(screen)`."""
+    seen = output.count
     start = time.perf_counter()
     tmux("send-keys", "-t", SESSION, key)
-    while not changed(screen()):  # each poll is a tmux call of ~5 ms
-        if time.perf_counter() - start > 5:
+    while True:
+        if not output.wait_after(seen, timeout=max(0.0, start + 5 - time.perf_counter())):
             raise TimeoutError(f"pressing {key} never showed:\n{screen()}")
-    return (time.perf_counter() - start) * 1000
+        seen = output.count  # read before the capture: output during it wakes the next wait
+        if changed(screen()):
+            return (time.perf_counter() - start) * 1000
 
 
 def bench_tui(work: Path, presses: int, epochs: int) -> tuple:
@@ -75,19 +105,21 @@ def bench_tui(work: Path, presses: int, epochs: int) -> tuple:
     subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
     tmux("new-session", "-d", "-s", SESSION, "-x", "120", "-y", "36", "-c", str(work), cmd)
     try:
+        output = PaneOutput(work / "pane.fifo")
         wait_for(lambda s: "Start" in s and "strategy" in s, 60, "the form")
         tmux("send-keys", "-t", SESSION, "C-r")
         wait_for(lambda s: "status running · epoch 1/" in s, 120, "the first steps")
-        latencies = {"r (re-plot the loss)": [], "F3/F2 (switch screens)": []}
+        latencies = {"r (re-plot the loss)": [], "F1/F2/F3 (switch screens)": []}
         for i in range(presses):
             # r toggles the raw loss curve: the plot is rebuilt and its title changes
             before = "smoothed only" in screen()
             latencies["r (re-plot the loss)"].append(
-                press("r", lambda s: ("smoothed only" in s) != before))
+                press(output, "r", lambda s: ("smoothed only" in s) != before))
             time.sleep(random.uniform(0.2, 0.5))
-            # F3 opens the runs screen (a table and two plots), F2 comes back to the dashboard
-            for key, sign in (("F3", "run(s) in"), ("F2", "status running")):
-                latencies["F3/F2 (switch screens)"].append(press(key, lambda s: sign in s))
+            # F3 opens the runs screen (a table and two plots), F1 the form (every field of the
+            # config), F2 comes back to the dashboard; each press waits for a text only it shows
+            for key, sign in (("F3", "run(s) in"), ("F1", "Start  ctrl+r"), ("F2", "status running")):
+                latencies["F1/F2/F3 (switch screens)"].append(press(output, key, lambda s: sign in s))
                 time.sleep(random.uniform(0.2, 0.5))
         wait_for(lambda s: "completed after" in s, 1800, "the end of the run")
     finally:

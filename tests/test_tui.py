@@ -285,3 +285,86 @@ async def test_abort_asks_first_then_ends_the_run(tmp_path):
         await app.workers.wait_for_complete()
     (run,) = list_runs(tmp_path / "runs")
     assert run.summary["status"] == "aborted" and run.summary["epochs_done"] < 30
+
+
+async def test_screens_are_built_at_start_and_switch_in_one_whole_frame(tmp_path):
+    """F2/F3 draw the whole new screen in their first frame, with no 50 ms hold (Textual's default
+    after a mode switch is to hold repaints, then draw only the changed widgets over the old screen)."""
+    from textual._compositor import LayoutUpdate
+
+    app = TransferLabApp(tiny(tmp_path))
+    frames = []
+    display = app._display
+
+    def record(screen, renderable):
+        if renderable is not None and not app._batch_count:
+            frames.append((screen, renderable))
+        display(screen, renderable)
+
+    app._display = record
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.get_screen_stack("dashboard") and app.get_screen_stack("runs"))
+        for key in ("f2", "f3", "f1"):  # the first show of each screen
+            await pilot.press(key)
+            await pilot.pause()
+        for key, screen_type in (("f3", RunsScreen), ("f2", DashboardScreen), ("f3", RunsScreen)):
+            frames.clear()
+            await pilot.press(key)
+            screen, first = frames[0]
+            assert isinstance(screen, screen_type)
+            assert isinstance(first, LayoutUpdate) and first.region.size == app.size
+            await pilot.pause()
+
+
+async def test_garbage_collection_runs_on_the_ui_schedule_and_is_restored(tmp_path, monkeypatch):
+    """The app collects garbage itself: young cycles on a short timer, old ones on a long one
+    (shortened here); the interpreter's own collector is back on after the app exits."""
+    import gc
+    import weakref
+
+    import tui.app
+
+    class Node:
+        pass
+
+    def cycle(promote: bool):
+        node = Node()
+        node.self = node
+        if promote:
+            gc.collect(1)  # survivors of a young collection move to the oldest generation
+        return weakref.ref(node)
+
+    for full_seconds, promote in ((1000.0, False), (0.5, True)):
+        monkeypatch.setattr(tui.app, "GC_FULL_SECONDS", full_seconds)
+        app = TransferLabApp(tiny(tmp_path))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: not gc.isenabled())
+            assert gc.get_freeze_count() > 0
+            gone = cycle(promote)
+            await wait_until(pilot, lambda: gone() is None, timeout=10)
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+async def test_plots_draw_exactly_what_plotext_draws(tmp_path):
+    """The plots turn plotext's character grid into text directly: same characters, same colours
+    as decoding the ANSI canvas that plotext builds (what PlotextPlot shows)."""
+    from rich.text import Text
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        loss, acc = app.screen.query_one(LossPlot), app.screen.query_one(AccuracyPlot)
+        for step in range(400):
+            loss.add("run", step, 2.0 / (1 + step) + (step % 7) * 0.01)
+        for epoch, (train_acc, test_acc) in enumerate([(0.3, 0.25), (0.6, 0.5), (0.8, 0.7)], 1):
+            acc.add("train", epoch, train_acc)
+            acc.add("test", epoch, test_acc)
+        for plot in (loss, acc):
+            plot.redraw_now()
+            ours = plot.build_text()
+            theirs = Text.from_ansi(plot.plt.build())
+            assert ours.plain == theirs.plain
+            styles = [ours.get_style_at_offset(app.console, i) for i in range(len(ours))]
+            assert styles == [theirs.get_style_at_offset(app.console, i) for i in range(len(theirs))]
+            assert len({style.color for style in styles}) >= 3  # axes and at least two curves

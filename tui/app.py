@@ -6,6 +6,7 @@ every other event as a message right away. The UI thread never calls oneflow.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections import deque
@@ -25,17 +26,25 @@ from tui.dialogs import ConfirmScreen
 
 
 TRAINING_NICENESS = 10
-"""While a run trains, every thread of this process except the UI's runs at this nice value, so
-that the kernel gives the interface a core at once when it needs one (measured: without it a
-redraw waits behind OneFlow's compute threads on a busy 2-core machine)."""
+"""While a run trains, OneFlow's own (native) threads run at this nice value, so that the kernel
+gives the interface a core at once when it needs one (measured: without it a redraw waits behind
+OneFlow's compute threads on a busy 2-core machine)."""
+
+
+GC_YOUNG_SECONDS = 0.5
+GC_FULL_SECONDS = 60.0
+"""Python's cycle collector runs on the UI's schedule: young objects every GC_YOUNG_SECONDS (a
+few ms), a full collection every GC_FULL_SECONDS. Left to itself it ran a full collection every
+5-8 s during training, 130-300 ms each on the UI thread (Textual's render caches are ~100k
+objects, and it makes ~2k cyclic garbage objects a second), which was the slowest key press."""
 
 
 def lower_training_priority(niceness: int = TRAINING_NICENESS) -> int:
-    """Renice all threads but the main (UI) thread and Textual's I/O threads; returns how many.
+    """Renice the process's native threads (OneFlow's); returns how many. Linux only.
 
-    Linux only (elsewhere a no-op). Threads OneFlow creates later inherit the value."""
-    keep = {threading.main_thread().native_id}
-    keep |= {t.native_id for t in threading.enumerate() if t.name.startswith("textual")}
+    Python threads keep their priority: each of them takes the GIL now and then, and the UI
+    thread would wait whenever the GIL is handed to one that the kernel does not run at once."""
+    keep = {t.native_id for t in threading.enumerate()}
     changed = 0
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
@@ -86,6 +95,7 @@ class TransferLabApp(App):
     """Transfer learning with OneFlow: set up a run, watch it train, compare runs."""
 
     TITLE = "TransferLab"
+    _switch_at_once = False
     CSS_PATH = "app.tcss"
     BINDINGS = [
         Binding("f1", "switch_mode('form')", "Form"),
@@ -126,6 +136,49 @@ class TransferLabApp(App):
     def on_mount(self) -> None:
         self.switch_mode("form")
         self.set_interval(0.1, self._drain_steps)
+        self.call_after_refresh(self._build_screens)
+
+    async def _build_screens(self) -> None:
+        """Build the dashboard and runs screens while the form is shown, so that the first F2/F3
+        does not wait for them (and for the CSS they bring, which every screen then reapplies)."""
+        for mode in ("dashboard", "runs"):
+            await self._init_mode(mode)
+        gc.collect()
+        gc.freeze()  # what exists now (OneFlow, FlowVision, Textual...) lives as long as the app
+        gc.disable()
+        self.set_interval(GC_YOUNG_SECONDS, self._collect_young)
+        self.set_interval(GC_FULL_SECONDS, self._collect_all)
+
+    def _collect_young(self) -> None:
+        gc.collect(1)
+
+    def _collect_all(self) -> None:
+        gc.collect()
+
+    def on_unmount(self) -> None:
+        gc.unfreeze()
+        gc.enable()
+
+    def switch_mode(self, mode: str):
+        """Switch screens (F1/F2/F3); a screen that exists already appears whole in one frame.
+
+        Textual holds every repaint for 50 ms after a switch (to hide a half-built screen), then
+        draws only the widgets that changed while it was away over what the last screen left on
+        the terminal, and the whole screen only after its styles are refreshed: 60-80 ms per
+        switch here, 200+ ms while training. A screen that exists is complete: skip the hold
+        and draw all of it at once."""
+        stack = self._screen_stacks.get(mode)
+        self._switch_at_once = bool(stack) and mode != self.current_mode
+        if self._switch_at_once:
+            stack[-1]._compositor._dirty_regions.add(self.size.region)
+        try:
+            return super().switch_mode(mode)
+        finally:
+            self._switch_at_once = False
+
+    def delay_update(self, delay: float = 0.05) -> None:
+        if not self._switch_at_once:
+            super().delay_update(delay)
 
     # -- runs -----------------------------------------------------------------------------------
 
@@ -158,6 +211,7 @@ class TransferLabApp(App):
         lower_training_priority()
         try:
             prepared = prepare(live.cfg)
+            lower_training_priority()  # and the threads OneFlow started for the model and data
         except (ConfigError, DataError, DeviceError, WeightsError) as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
             return

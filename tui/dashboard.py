@@ -56,9 +56,10 @@ class DashboardScreen(Screen):
                 yield AccuracyPlot(id="acc")
             with Horizontal(classes="bar-row"):
                 yield Label("epoch -/-", id="epoch-label")
-                yield ProgressBar(id="epoch-bar", show_eta=False, show_percentage=False)
+                # total=1, not None: an empty bar, not the indeterminate one (which redraws 15x a second)
+                yield ProgressBar(1, id="epoch-bar", show_eta=False, show_percentage=False)
                 yield Label("step -/-", id="step-label")
-                yield ProgressBar(id="step-bar", show_eta=False, show_percentage=False)
+                yield ProgressBar(1, id="step-bar", show_eta=False, show_percentage=False)
             yield Static("", id="stats")
             yield RichLog(id="log", wrap=True, markup=True, max_lines=1000)
         yield KeyBar()
@@ -89,6 +90,7 @@ class DashboardScreen(Screen):
 
     def could_not_start(self, error: str) -> None:
         self.status = "not started"
+        self.query_one("#step-bar", ProgressBar).update(total=1, progress=0)
         self.query_one("#summary", Static).update(f"[b red]could not start[/b red]: {error}")
         self.log_line(f"[red]{error}[/red]")
         self.log_line("Press F1 (or e) to change the settings and start again.")

@@ -316,6 +316,21 @@ async def test_screens_are_built_at_start_and_switch_in_one_whole_frame(tmp_path
             await pilot.pause()
 
 
+class _Node:
+    pass
+
+
+def _old_cycle():
+    """A reference cycle in the oldest generation (only a full collection frees it)."""
+    import gc
+    import weakref
+
+    node = _Node()
+    node.self = node
+    gc.collect(1)  # survivors of a young collection move to the oldest generation
+    return weakref.ref(node)
+
+
 async def test_garbage_collection_runs_on_the_ui_schedule_and_is_restored(tmp_path, monkeypatch):
     """The app collects garbage itself: young cycles on a short timer, old ones on a long one
     (shortened here); the interpreter's own collector is back on after the app exits."""
@@ -324,25 +339,44 @@ async def test_garbage_collection_runs_on_the_ui_schedule_and_is_restored(tmp_pa
 
     import tui.app
 
-    class Node:
-        pass
-
-    def cycle(promote: bool):
-        node = Node()
+    def young_cycle():
+        node = _Node()
         node.self = node
-        if promote:
-            gc.collect(1)  # survivors of a young collection move to the oldest generation
         return weakref.ref(node)
 
-    for full_seconds, promote in ((1000.0, False), (0.5, True)):
+    for full_seconds, make in ((1000.0, young_cycle), (0.5, _old_cycle)):
         monkeypatch.setattr(tui.app, "GC_FULL_SECONDS", full_seconds)
         app = TransferLabApp(tiny(tmp_path))
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: not gc.isenabled())
             assert gc.get_freeze_count() > 0
-            gone = cycle(promote)
+            gone = make()
             await wait_until(pilot, lambda: gone() is None, timeout=10)
         assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_full_collection_waits_for_a_pause_in_typing(tmp_path):
+    import gc
+    import time
+
+    from tui.app import GC_FULL_LATEST_SECONDS, GC_FULL_SECONDS, GC_KEYS_QUIET_SECONDS
+
+    app = TransferLabApp(tiny(tmp_path))
+    gc.disable()
+    try:
+        now = time.monotonic()
+        for last_full, last_key, collected in (
+                (now - GC_FULL_SECONDS - 1, now, False),  # due, but a key was just pressed
+                (now - GC_FULL_SECONDS - 1, now - GC_KEYS_QUIET_SECONDS - 1, True),  # due and quiet
+                (now - GC_FULL_LATEST_SECONDS - 1, now, True),  # typing, but overdue
+                (now - 1, now - 100, False)):  # quiet, but not due
+            gone = _old_cycle()
+            app._last_full_gc, app._last_key = last_full, last_key
+            app._collect()
+            assert (gone() is None) == collected
+            gc.collect()
+    finally:
+        gc.enable()
 
 
 async def test_plots_draw_exactly_what_plotext_draws(tmp_path):

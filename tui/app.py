@@ -9,11 +9,12 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Iterable, List, Optional, Set
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
@@ -33,10 +34,13 @@ OneFlow's compute threads on a busy 2-core machine)."""
 
 GC_YOUNG_SECONDS = 0.5
 GC_FULL_SECONDS = 60.0
+GC_FULL_LATEST_SECONDS = 300.0
+GC_KEYS_QUIET_SECONDS = 2.0
 """Python's cycle collector runs on the UI's schedule: young objects every GC_YOUNG_SECONDS (a
-few ms), a full collection every GC_FULL_SECONDS. Left to itself it ran a full collection every
-5-8 s during training, 130-300 ms each on the UI thread (Textual's render caches are ~100k
-objects, and it makes ~2k cyclic garbage objects a second), which was the slowest key press."""
+few ms); everything every GC_FULL_SECONDS, at a moment when no key was pressed for
+GC_KEYS_QUIET_SECONDS (at the latest after GC_FULL_LATEST_SECONDS). Left to itself it ran a full
+collection every 5-8 s during training, 130-300 ms each on the UI thread (Textual's render caches
+are ~100k objects, and it makes ~2k cyclic garbage objects a second): the slowest key presses."""
 
 
 def lower_training_priority(niceness: int = TRAINING_NICENESS) -> int:
@@ -96,6 +100,7 @@ class TransferLabApp(App):
 
     TITLE = "TransferLab"
     _switch_at_once = False
+    _last_key = _last_full_gc = 0.0
     CSS_PATH = "app.tcss"
     BINDINGS = [
         Binding("f1", "switch_mode('form')", "Form"),
@@ -146,14 +151,22 @@ class TransferLabApp(App):
         gc.collect()
         gc.freeze()  # what exists now (OneFlow, FlowVision, Textual...) lives as long as the app
         gc.disable()
-        self.set_interval(GC_YOUNG_SECONDS, self._collect_young)
-        self.set_interval(GC_FULL_SECONDS, self._collect_all)
+        self._last_full_gc = time.monotonic()
+        self.set_interval(GC_YOUNG_SECONDS, self._collect)
 
-    def _collect_young(self) -> None:
-        gc.collect(1)
+    def _collect(self) -> None:
+        now = time.monotonic()
+        due, quiet = now - self._last_full_gc, now - self._last_key >= GC_KEYS_QUIET_SECONDS
+        if due >= GC_FULL_LATEST_SECONDS or (due >= GC_FULL_SECONDS and quiet):
+            gc.collect()
+            self._last_full_gc = now
+        else:
+            gc.collect(1)
 
-    def _collect_all(self) -> None:
-        gc.collect()
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key):
+            self._last_key = time.monotonic()
+        await super().on_event(event)
 
     def on_unmount(self) -> None:
         gc.unfreeze()

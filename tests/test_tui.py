@@ -30,6 +30,13 @@ async def wait_until(pilot, condition, timeout=120.0):
         await pilot.pause(0.05)
 
 
+async def start_run(pilot, until):
+    """Press Start (ctrl+r) on the form, then wait until `until()` holds."""
+    await pilot.pause()
+    await pilot.press("ctrl+r")
+    await wait_until(pilot, until)
+
+
 def log_text(screen):
     """The dashboard log with all white space removed (the log wraps long lines anywhere)."""
     return "".join("".join(line.text for line in screen.query_one("#log", RichLog).lines).split())
@@ -80,9 +87,7 @@ async def test_backbone_lr_only_for_discriminative(tmp_path):
 async def test_tiny_run_from_form_to_finished_dashboard(tmp_path):
     app = TransferLabApp(tiny(tmp_path, epochs=2))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live is not None and app.live.status == ev.COMPLETED)
+        await start_run(pilot, lambda: app.live is not None and app.live.status == ev.COMPLETED)
         await pilot.pause(0.3)
         dash = app.screen
         assert isinstance(dash, DashboardScreen)
@@ -102,9 +107,7 @@ async def test_tiny_run_from_form_to_finished_dashboard(tmp_path):
 async def test_graceful_stop_mid_run(tmp_path):
     app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.screen.last_step is not None)
+        await start_run(pilot, lambda: app.screen.last_step is not None)
         await pilot.press("s")
         await wait_until(pilot, lambda: app.live.status == ev.STOPPED)
         await app.workers.wait_for_complete()
@@ -119,18 +122,14 @@ async def test_graceful_stop_mid_run(tmp_path):
 async def test_setup_error_is_shown_and_app_stays_usable(tmp_path):
     app = TransferLabApp(tiny(tmp_path, dataset=f"imagefolder:{tmp_path / 'nowhere'}"))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live.status == "not started")
+        await start_run(pilot, lambda: app.live.status == "not started")
         await pilot.pause()
         assert squash("needs a train/ folder") in log_text(app.screen)
         assert not (tmp_path / "runs").exists() or not list_runs(tmp_path / "runs")
         await pilot.press("f1")
         await pilot.pause()
         app.screen.query_one("#f-dataset", Input).value = "digits"
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live.status == ev.COMPLETED)
+        await start_run(pilot, lambda: app.live.status == ev.COMPLETED)
 
 
 async def test_exception_inside_the_worker_fails_the_run_not_the_app(tmp_path, monkeypatch):
@@ -142,9 +141,7 @@ async def test_exception_inside_the_worker_fails_the_run_not_the_app(tmp_path, m
     monkeypatch.setattr(core.trainer.Trainer, "_evaluate", exploding)
     app = TransferLabApp(tiny(tmp_path))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live.status == ev.FAILED)
+        await start_run(pilot, lambda: app.live.status == ev.FAILED)
         await pilot.pause(0.2)
         assert squash("simulated crash in the training loop") in log_text(app.screen)
         (run,) = list_runs(tmp_path / "runs")
@@ -157,9 +154,7 @@ async def test_exception_inside_the_worker_fails_the_run_not_the_app(tmp_path, m
 async def test_quit_during_a_run_asks_then_stops_gracefully(tmp_path):
     app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live.status == "running")
+        await start_run(pilot, lambda: app.live.status == "running")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Stop run" in titles and "Start run" not in titles
         await pilot.press("ctrl+q")
@@ -269,9 +264,7 @@ async def test_presets_save_and_load_and_bad_files_lose_nothing(tmp_path, monkey
 async def test_abort_asks_first_then_ends_the_run(tmp_path):
     app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.live.status == "running")
+        await start_run(pilot, lambda: app.live.status == "running")
         await pilot.press("a")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen)

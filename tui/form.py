@@ -100,22 +100,16 @@ class FormScreen(Screen):
             self.cfg = cfg
         self.problems = problems
         bad = {p.split(" ")[0] for p in problems}
-        for name in C.FIELDS:  # only touch what changed: each style change costs a restyle
-            row = self.query_one(f"#row-{name}")
-            if row.has_class("-invalid") != (name in bad):
-                row.set_class(name in bad, "-invalid")
+        for name in C.FIELDS:  # set_class and `disabled` do nothing when nothing changes
+            self.query_one(f"#row-{name}").set_class(name in bad, "-invalid")
         strategy = self.query_one("#f-strategy", Select).value
-        backbone_lr = self.query_one("#f-lr_backbone")
-        if backbone_lr.disabled != (strategy != "discriminative"):
-            backbone_lr.disabled = strategy != "discriminative"
+        self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
         self._show("#strategy-help", f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
         self._show("#problems", "\n".join(f"[red]✗[/red] {p}" for p in problems) if problems
                    else "[green]✓ ready to start[/green]")
         self._show("#notes", "\n".join(f"[yellow]•[/yellow] {n}" for n in self.notes))
         self._show("#command", "" if problems else f"[dim]same run headless:[/dim]\n{command_line(self.cfg)}")
-        start = self.query_one("#start", Button)
-        if start.disabled != bool(problems):
-            start.disabled = bool(problems)
+        self.query_one("#start", Button).disabled = bool(problems)
         if not problems:
             self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
 

@@ -9,6 +9,7 @@ then parses back was 40% of a redraw.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Dict, List, Sequence, Tuple
 
 from plotext import _utility as plotext_utility
@@ -37,14 +38,9 @@ def matrix_text(matrix) -> Text:
     same characters and styles as `Text.from_ansi` of plotext's canvas, one span per colour run."""
     text = Text(end="")
     for row in reversed(range(matrix.rows)):
-        marker, fore, style, back = matrix.marker[row], matrix.fullground[row], matrix.style[row], matrix.background[row]
-        col, cols = 0, matrix.cols
-        while col < cols:
-            start, colours = col, (fore[col], style[col], back[col])
-            col += 1
-            while col < cols and fore[col] == colours[0] and style[col] == colours[1] and back[col] == colours[2]:
-                col += 1
-            text.append("".join(marker[start:col]), cell_style(*colours))
+        cells = zip(matrix.marker[row], matrix.fullground[row], matrix.style[row], matrix.background[row])
+        for colours, run in groupby(cells, key=lambda cell: cell[1:]):
+            text.append("".join(cell[0] for cell in run), cell_style(*colours))
         text.append("\n")
     return text
 
@@ -144,7 +140,7 @@ class TimedPlot(PlotextPlot):
         self.draw(plt)
         self.version += 1
         self.refresh()
-        if not self.screen.is_current:
+        if self.size and not self.screen.is_current:
             self.render()  # build the figure now, so that switching back to this screen is quick
 
     def draw(self, plt) -> None:  # pragma: no cover - overridden

@@ -15,6 +15,8 @@ import signal
 import threading
 from typing import Dict, Optional
 
+from core.errors import SetupError
+
 os.environ.setdefault("GLOG_minloglevel", "2")  # oneflow's glog warnings would draw over the TUI
 
 # core/__init__.py (run before this module) has preloaded the CUDA libraries where needed.
@@ -24,7 +26,7 @@ if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-class DeviceError(RuntimeError):
+class DeviceError(SetupError):
     """The requested device cannot be used; the message says why and what to do."""
 
 

@@ -160,9 +160,7 @@ def _console(stderr: bool = False) -> Any:
 
 def cmd_train(cfg: C.RunConfig) -> int:
 
-    from core.backend import DeviceError
-    from core.data import DataError
-    from core.models import WeightsError
+    from core.errors import SetupError
     from core.trainer import RunControl, prepare, train
 
     console, err = _console(), _console(stderr=True)
@@ -170,7 +168,7 @@ def cmd_train(cfg: C.RunConfig) -> int:
     with console.status("loading data and model..."):
         try:
             prepared = prepare(cfg)
-        except (DeviceError, DataError, WeightsError, C.ConfigError) as exc:
+        except SetupError as exc:
             err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
             return EXIT_FAILED
         except KeyboardInterrupt:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from core.errors import SetupError
+
 STRATEGIES = {
     "finetune": "Train every layer from the pretrained weights with one learning rate.",
     "discriminative": "Train every layer: a small LR for the backbone, a larger one for the new head.",
@@ -84,12 +86,11 @@ class RunConfig:
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
-class ConfigError(ValueError):
+class ConfigError(SetupError, ValueError):
     """Raised with every problem found, one per line."""
 
     def __init__(self, problems: List[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
+        super().__init__(problems=problems)
 
 
 def field_type(name: str) -> type:

@@ -14,6 +14,8 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from core.errors import SetupError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -21,7 +23,7 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(RuntimeError):
+class DataError(SetupError):
     """A dataset cannot be loaded; the message says what to do."""
 
 

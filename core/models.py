@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from core.backend import flow
+from core.errors import SetupError
 from oneflow import nn
 
 # backbone name -> FlowVision module holding its constructor and its `model_urls`
@@ -19,7 +20,7 @@ BACKBONE_MODULES = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(SetupError):
     """Initial weights cannot be loaded; the message says why and what to do."""
 
 

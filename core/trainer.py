@@ -82,7 +82,8 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate, pick the device, load data and model, apply the strategy.
 
-    Raises ConfigError, DeviceError, DataError or WeightsError with a message a person can act on.
+    Raises a SetupError (ConfigError, DeviceError, DataError, WeightsError...) with a message a
+    person can act on.
     """
     check(cfg)
     device = pick_device(cfg.device)

@@ -215,17 +215,14 @@ class TransferLabApp(App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _train(self, live: LiveRun) -> None:
-        from core.backend import DeviceError
-        from core.config import ConfigError
-        from core.data import DataError
-        from core.models import WeightsError
+        from core.errors import SetupError
         from core.trainer import prepare, train
 
         lower_training_priority()
         try:
             prepared = prepare(live.cfg)
             lower_training_priority()  # and the threads OneFlow started for the model and data
-        except (ConfigError, DataError, DeviceError, WeightsError) as exc:
+        except SetupError as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
             return
         except Exception as exc:  # anything else while setting up: report, never crash the app

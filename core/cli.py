@@ -6,6 +6,7 @@ values print one line per problem and exit with code 2; no traceback reaches the
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import shlex
@@ -98,6 +99,25 @@ def command_line(cfg: C.RunConfig) -> str:
     return " ".join(parts)
 
 
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def attach_negative_values(argv: List[str]) -> List[str]:
+    """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: argparse takes "-1e-3" for an option and would say
+    "expected one argument"; joined, the value reaches validation, which explains what is wrong."""
+    value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir"}
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in value_flags and i + 1 < len(argv) and NEGATIVE_NUMBER.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="transferlab", description="Transfer learning of image classifiers with "
                      "OneFlow and FlowVision. With no command, opens the terminal UI.")
@@ -120,8 +140,12 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
     err = _console(stderr=True)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["tui", *argv]
+    argv = attach_negative_values(argv)
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help printed the help
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
         if args.command is None:
             build_parser().print_help()
             return EXIT_OK

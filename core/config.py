@@ -84,6 +84,8 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+MAX_SEED = 2**32 - 1
+"""Seeds go to numpy and OneFlow (whose generator takes a signed 64-bit integer)."""
 
 
 class ConfigError(SetupError, ValueError):
@@ -98,6 +100,15 @@ def field_type(name: str) -> type:
     return type(default)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: messages quote what was given, never all of it."""
+    try:
+        text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
+    except ValueError:  # an int of more than 4,300 digits has no repr
+        return f"a number of {value.bit_length()} bits"
+    return text if len(text) <= limit + 2 else text[:limit] + "..."
+
+
 def parse_value(name: str, text: str) -> Any:
     """Turn the text a person typed for field `name` into its typed value, or raise ValueError."""
     kind = field_type(name)
@@ -108,18 +119,21 @@ def parse_value(name: str, text: str) -> Any:
             return True
         if low in ("0", "false", "no", "off", "n"):
             return False
-        raise ValueError(f"{name} must be yes or no, got {text!r}")
+        raise ValueError(f"{name} must be yes or no, got {shown(text)}")
     if kind is int:
         try:
             return int(text)
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {text!r}") from None
+        except ValueError:  # also a number of more than 4,300 digits
+            raise ValueError(f"{name} must be a whole number, got {shown(text)}") from None
     if kind is float:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number, got {text!r}") from None
+            raise ValueError(f"{name} must be a number, got {shown(text)}") from None
     return text
+
+
+KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a number", str: "text"}
 
 
 def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> RunConfig:
@@ -130,9 +144,9 @@ def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> Ru
     problems: List[str] = []
     typed: Dict[str, Any] = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
+        name = key.replace("-", "_") if isinstance(key, str) else None
         if name not in FIELDS:
-            problems.append(f"unknown setting {key!r}; known: {', '.join(FIELDS)}")
+            problems.append(f"unknown setting {shown(key)}; known: {', '.join(FIELDS)}")
             continue
         kind = field_type(name)
         if isinstance(value, str) and kind is not str:
@@ -142,9 +156,13 @@ def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> Ru
                 problems.append(str(exc))
                 continue
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                problems.append(f"{name} is too large, got {shown(value)}")
+                continue
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            problems.append(f"{name} must be {kind.__name__}, got {value!r}")
+            problems.append(f"{name} must be {KIND_NAMES[kind]}, got {shown(value)}")
             continue
         typed[name] = value
     if problems:
@@ -186,10 +204,14 @@ def validate(cfg: RunConfig) -> List[str]:
     for name in ("limit_train", "limit_test"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name} must be 0 (all) or a positive count, got {getattr(cfg, name)}")
-    if cfg.seed < 0:
-        problems.append(f"seed must be 0 or more, got {cfg.seed}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        problems.append(f"seed must be between 0 and {MAX_SEED}, got {shown(cfg.seed)}")
     if not cfg.runs_dir.strip():
         problems.append("runs_dir must name a folder")
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and "\x00" in value:
+            problems.append(f"{name} must not contain a NUL character, got {shown(value)}")
     return problems
 
 
@@ -202,24 +224,38 @@ def check(cfg: RunConfig) -> RunConfig:
 
 
 def load(path: str | Path, base: Optional[RunConfig] = None) -> RunConfig:
-    """Read a config from a .toml or .json file (a preset, or a run's config.json)."""
+    """Read a config from a .toml or .json file (a preset, or a run's config.json).
+
+    Any problem with the file (unreadable, not UTF-8, not TOML/JSON, nested too deep, not a
+    table, unknown keys or wrong types) raises ConfigError with one line per problem."""
     path = Path(path)
+    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise ConfigError([f"{path} is {path.stat().st_size:,} bytes: not a settings file "
+                               f"(presets are a few hundred bytes)"])
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not a text file (not UTF-8 at byte {exc.start})"]) from None
     try:
-        if path.suffix.lower() == ".toml":
+        if kind == "TOML":
             import tomli
 
             data = tomli.loads(text)
         else:
             data = json.loads(text)
     except ValueError as exc:
-        raise ConfigError([f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}"]) from None
+        raise ConfigError([f"{path} is not valid {kind}: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path} is not a settings file: its {kind} is nested too deeply"]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{path} must hold a table of settings"])
+        raise ConfigError([f"{path} must hold a table of settings, not {type(data).__name__}"])
     return from_mapping(data, base)
+
+
+MAX_PRESET_BYTES = 1 << 20
 
 
 def save(cfg: RunConfig, path: str | Path) -> Path:

@@ -64,3 +64,16 @@ def test_unknown_flag_and_missing_data_are_clear(tmp_path):
     assert proc.returncode == 2 and "unrecognized arguments: --colour red" in proc.stderr
     proc = run_cli("train", "--dataset", "imagefolder:nowhere", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 1 and "needs a train/ folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "-1e-3"], "--lr must be a positive number, got -0.001"),
+    (["train", "--seed", str(2**63)], "--seed must be between 0 and 4294967295"),
+    (["train", "--runs-dir", "a\x00b"], "--runs-dir must not contain a NUL character"),
+])
+def test_bad_values_get_one_line_and_exit_2(argv, message, capsys):
+    from core import cli
+
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err

@@ -62,5 +62,5 @@ def test_load_reports_broken_and_missing_files(tmp_path):
         C.load(tmp_path / "missing.toml")
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"epochs": True}))
-    with pytest.raises(C.ConfigError, match="epochs must be int"):
+    with pytest.raises(C.ConfigError, match="epochs must be a whole number, got True"):
         C.load(wrong)

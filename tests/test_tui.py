@@ -250,15 +250,26 @@ async def test_presets_save_and_load_and_bad_files_lose_nothing(tmp_path, monkey
         assert C.load(tmp_path / "mine.toml") == tiny(tmp_path, epochs=4)
         (tmp_path / "other.json").write_text('{"epochs": 9, "strategy": "frozen"}')
         (tmp_path / "broken.json").write_text('{"epochs": "many"}')
+        # each of these once ended the app (exit status 0): now a toast, and the form keeps its values
+        (tmp_path / "latin1.toml").write_bytes(b"\xff\xfeepochs = 2")
+        (tmp_path / "deep.json").write_text("[" * 100_000)
+        (tmp_path / "deep.toml").write_text("a = " + "[" * 1_000)
+        (tmp_path / "huge.json").write_text('{"lr": 1' + "0" * 400 + "}")
+        (tmp_path / "choice.json").write_text('{"epochs": 7, "backbone": "vgg"}')
         form = app.screen
-        for name, expected_epochs in (("broken.json", "4"), ("other.json", "9")):
+        bad = ("broken.json", "latin1.toml", "deep.json", "deep.toml", "huge.json", "choice.json")
+        for name, expected_epochs in [(b, "4") for b in bad] + [("other.json", "9")]:
             await pilot.press("ctrl+o")
             await pilot.pause()
             app.screen.query_one("#path", Input).value = name
             await pilot.press("enter")
             await pilot.pause()
+            assert app.is_running and app.screen is form
             assert form.query_one("#f-epochs", Input).value == expected_epochs
         assert form.query_one("#f-strategy", Select).value == "frozen"
+        toasts = [str(n.message) for n in app._notifications]
+        assert any("not a text file" in t for t in toasts) and any("nested too deeply" in t for t in toasts)
+        assert any("lr is too large" in t for t in toasts) and any("backbone must be one of" in t for t in toasts)
 
 
 async def test_abort_asks_first_then_ends_the_run(tmp_path):

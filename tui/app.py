@@ -346,5 +346,6 @@ def run_app(cfg: RunConfig, explicit: Set[str]) -> int:
     from core.suggest import machine_defaults
 
     cfg, notes = machine_defaults(cfg, keep=explicit)
-    TransferLabApp(cfg, notes).run()
-    return 0
+    app = TransferLabApp(cfg, notes)
+    app.run()
+    return app.return_code or 0  # Textual sets 1 when the app ended on an unhandled error

@@ -20,6 +20,8 @@ from tui.keybar import KeyBar
 LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "train subset",
           "limit_test": "test subset", "image_size": "image size", "batch_size": "batch size",
           "weight_decay": "weight decay", "data_root": "data root", "runs_dir": "runs folder"}
+CHOICE_FIELDS = {n for n in C.FIELDS if C.FIELDS[n].metadata.get("choices") or C.field_type(n) is bool}
+"""Fields shown as a Select (a fixed list of options)."""
 SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
 
 
@@ -185,6 +187,9 @@ class FormScreen(Screen):
                 return
             try:
                 cfg = C.load(path)
+                unshowable = [p for p in C.validate(cfg) if p.split(" ")[0] in CHOICE_FIELDS]
+                if unshowable:  # a Select cannot hold a value that is not among its options
+                    raise C.ConfigError(unshowable)
             except C.ConfigError as exc:
                 self.notify("\n".join(exc.problems), title=f"Could not load {path}", severity="error")
                 return

@@ -406,3 +406,18 @@ async def test_plots_draw_exactly_what_plotext_draws(tmp_path):
             styles = [ours.get_style_at_offset(app.console, i) for i in range(len(ours))]
             assert styles == [theirs.get_style_at_offset(app.console, i) for i in range(len(theirs))]
             assert len({style.color for style in styles}) >= 3  # axes and at least two curves
+
+
+def test_the_app_ending_on_an_error_exits_non_zero(tmp_path, monkeypatch):
+    """run_app (what `transferlab` runs) returns Textual's return code: 1 after an unhandled error."""
+    from textual.app import App
+
+    from tui import app as app_module
+
+    def broken_mount(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TransferLabApp, "on_mount", broken_mount)
+    monkeypatch.setattr(TransferLabApp, "run", lambda self: App.run(self, headless=True, size=SIZE))
+    monkeypatch.setattr("core.suggest.machine_defaults", lambda cfg, keep=(): (cfg, []))
+    assert app_module.run_app(tiny(tmp_path), set()) == 1

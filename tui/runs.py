@@ -190,6 +190,8 @@ class RunsScreen(Screen):
             self.notify(f"{message.run_id}: metrics unreadable: {message.error}", severity="warning")
         if message.run_id in self.selected:
             self._replot(load=False)
+            for plot in ("#overlay-loss", "#overlay-acc"):
+                self.query_one(plot).redraw_now()  # now, not on the next tick: the read took a while
 
     def _replot(self, load: bool = True) -> None:
         """Overlay the selected runs' curves: each series in one call, drawn once."""

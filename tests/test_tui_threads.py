@@ -1,9 +1,12 @@
 """What runs on the UI thread: a long run is replayed from a thread and drawn in one pass, OneFlow
 is never called from the UI thread, and a crash of the training worker leaves the app usable."""
 import asyncio
+import os
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 
 from textual import events
 
@@ -18,8 +21,7 @@ from tui.plots import AccuracyPlot, Buckets, LossPlot
 from tui.runs import RunsScreen
 
 from conftest import write_long_run
-
-SIZE = (100, 32)
+from test_tui import SIZE, log_text, squash, start_run, tiny
 
 
 async def wait_until(pilot, condition, timeout=60.0):
@@ -188,3 +190,57 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
         same_loss_data(overlay, ref_loss, label, "run")
         assert runs.query_one("#overlay-acc", AccuracyPlot).series == {label: ref_acc.series["test"]}
     assert threads and threading.main_thread() not in threads
+
+
+# -- OneFlow stays off the UI thread -----------------------------------------------------------
+
+
+class OneFlowCalls:
+    """A profile hook for one thread: records every call into OneFlow, i.e. of a Python function
+    whose code lives in the oneflow package, or of a C function of oneflow's modules or types."""
+
+    def __init__(self) -> None:
+        import oneflow
+
+        self.package = str(Path(oneflow.__file__).parent) + os.sep
+        self.calls = []
+
+    @staticmethod
+    def _is_oneflow(module) -> bool:
+        return isinstance(module, str) and (module == "oneflow" or module.startswith("oneflow."))
+
+    def __call__(self, frame, event, arg) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(self.package):
+            caller = frame.f_back
+            self.calls.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}) from "
+                              f"{caller.f_code.co_filename}:{caller.f_lineno}" if caller else frame.f_code.co_name)
+        elif event == "c_call":
+            module = getattr(arg, "__module__", None) or type(getattr(arg, "__self__", None)).__module__
+            if self._is_oneflow(module):
+                self.calls.append(f"{module}.{getattr(arg, '__qualname__', arg)} from "
+                                  f"{frame.f_code.co_filename}:{frame.f_lineno}")
+
+
+async def test_the_ui_thread_never_calls_oneflow_while_a_run_starts_trains_and_stops(tmp_path):
+    """From Start to "stopped", with screens switched meanwhile, the UI thread makes no call into
+    OneFlow (a OneFlow op issued there waits ~1.2 s behind the training thread's queue). The app
+    imports OneFlow on the main thread on purpose, before it is up: recording starts after."""
+    app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
+    calls = OneFlowCalls()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.get_screen_stack("dashboard") and app.get_screen_stack("runs"))
+        assert threading.current_thread() is threading.main_thread()  # the app's thread: this one
+        sys.setprofile(calls)
+        try:
+            await start_run(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.results)
+            dash = app.screen
+            for key in ("f3", "f1", "f2"):
+                await pilot.press(key)
+                await pilot.pause(0.2)
+            await pilot.press("s")
+            await wait_until(pilot, lambda: app.live.status == ev.STOPPED)
+            await pilot.pause(0.3)
+        finally:
+            sys.setprofile(None)
+        assert dash.last_step is not None and squash("stopped") in log_text(dash)
+    assert not calls.calls, f"{len(calls.calls)} OneFlow calls on the UI thread, e.g.: " + "; ".join(calls.calls[:5])

@@ -8,14 +8,18 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from textual import events
+from textual.worker import Worker, WorkerState
 
 import core.store
 import tui.dashboard
 import tui.runs
 from core import events as ev
 from core.config import RunConfig
+from core.store import RunWriter, list_runs
 from tui.app import TransferLabApp
+from tui.form import FormScreen
 from tui.dashboard import DashboardScreen
 from tui.plots import AccuracyPlot, Buckets, LossPlot
 from tui.runs import RunsScreen
@@ -244,3 +248,91 @@ async def test_the_ui_thread_never_calls_oneflow_while_a_run_starts_trains_and_s
             sys.setprofile(None)
         assert dash.last_step is not None and squash("stopped") in log_text(dash)
     assert not calls.calls, f"{len(calls.calls)} OneFlow calls on the UI thread, e.g.: " + "; ".join(calls.calls[:5])
+
+
+# -- the training worker crashes ---------------------------------------------------------------
+
+
+class Fault(RuntimeError):
+    pass
+
+
+FAULT = "a fault the trainer could not handle\n(second line of a long message)"
+
+
+def crash_before_the_run_folder(monkeypatch, armed):
+    """The real train(), whose run store fails as it creates the run's folder."""
+    import core.trainer
+
+    class FailingWriter(RunWriter):
+        def __init__(self, cfg, runs_dir=None):
+            if armed:
+                raise Fault(FAULT)
+            super().__init__(cfg, runs_dir)
+
+    monkeypatch.setattr(core.trainer, "RunWriter", FailingWriter)
+
+
+def crash_after_the_run_started(monkeypatch, armed):
+    """train() as the worker imports it: the run's folder is made and the run announced, then an
+    exception escapes (as when the trainer's own error record fails)."""
+    import core.trainer
+
+    real = core.trainer.train
+
+    def crashing(cfg, listeners=(), control=None, prepared=None):
+        if not armed:
+            return real(cfg, listeners, control, prepared=prepared)
+        writer = RunWriter(cfg)
+        started = ev.RunStarted(writer.run_id, str(writer.path), cfg.to_dict(), "cpu", 1, 1, 10, 48, 32, 3)
+        for listener in (writer, *listeners):
+            listener(started)
+        raise Fault(FAULT)
+
+    monkeypatch.setattr(core.trainer, "train", crashing)
+
+
+@pytest.mark.parametrize("crash", [crash_before_the_run_folder, crash_after_the_run_started])
+async def test_an_exception_escaping_the_trainer_fails_the_run_not_the_app(tmp_path, monkeypatch, crash):
+    """The worker's crash path (on_worker_state_changed): one line on the dashboard and in a
+    toast, the run's folder (when there is one) marked failed, and a new run can start."""
+    armed = [True]
+    crash(monkeypatch, armed)
+    toasts = []
+    notify = TransferLabApp.notify
+
+    def recording_notify(self, message, *, title="", severity="information", **kwargs):
+        toasts.append((title, message, severity))
+        return notify(self, message, title=title, severity=severity, **kwargs)
+
+    monkeypatch.setattr(TransferLabApp, "notify", recording_notify)
+    escaped = []
+
+    def worker_errors(message):
+        if isinstance(message, Worker.StateChanged) and message.state == WorkerState.ERROR:
+            escaped.append((message.worker.name, type(message.worker.error)))
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE, message_hook=worker_errors) as pilot:
+        await start_run(pilot, lambda: app.live.status == ev.FAILED)
+        await pilot.pause(0.2)
+        assert not app.running and app.is_running
+        assert ("train", Fault) in escaped  # out of train(), into the worker
+        line = "Fault: a fault the trainer could not handle"
+        assert ("The run failed", line, "error") in toasts
+        dash = app.screen
+        assert isinstance(dash, DashboardScreen) and squash(line) in log_text(dash)
+        assert "second line" not in log_text(dash) + "".join(message for _, message, _ in toasts)
+        runs = list_runs(tmp_path / "runs")
+        if crash is crash_after_the_run_started:
+            (run,) = runs
+            assert run.summary["status"] == ev.FAILED and run.summary["message"] == line
+            assert "second line" in (run.path / "error.txt").read_text()
+            assert "failed" in str(dash.query_one("#stats").render())
+        else:
+            assert runs == []
+        armed.clear()
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, FormScreen))
+        await start_run(pilot, lambda: app.live.status == ev.COMPLETED)
+    assert [r.summary["status"] for r in list_runs(tmp_path / "runs")][-1] == ev.COMPLETED

@@ -133,6 +133,13 @@ class DashboardScreen(Screen):
         self.log_line(f"[red]{escape(error)}[/red]")
         self.log_line("Press F1 (or e) to change the settings and start again.")
 
+    def crashed(self, error: str) -> None:
+        """The run's worker died of an error that the trainer did not handle."""
+        self.status = ev.FAILED
+        self.refresh_bindings()
+        self.log_line(f"[b red]failed[/b red]: {escape(error)}")
+        self._update_stats()
+
     def log_line(self, text: str) -> None:
         self.query_one("#log", RichLog).write(text)
 

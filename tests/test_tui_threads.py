@@ -196,6 +196,42 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
     assert threads and threading.main_thread() not in threads
 
 
+async def test_a_short_run_replays_the_same_from_its_folder_and_from_events(tmp_path, monkeypatch):
+    """The folder's replay says "loading..." until its thread has read the file, then shows what a
+    replay of the same events given in memory shows (the path the screen had before)."""
+    from conftest import ROOT
+
+    run_dir = ROOT / "tests" / "data" / "runs" / "20261129-054304-finetune-digits"
+    release = threading.Event()
+    real = core.store.read_events
+
+    def slow_read(path):
+        assert release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(tui.dashboard, "read_events", slow_read)
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        shown = []
+        for screen in (DashboardScreen(events=real(run_dir), live=False), DashboardScreen(live=False, run_dir=run_dir)):
+            await app.push_screen(screen)
+            await pilot.pause()
+            if screen.run_dir is not None:
+                assert "loading" in str(screen.query_one("#summary").render())
+                assert screen.query_one(LossPlot).note == "loading..." and screen.last_step is None
+                release.set()
+                await wait_until(pilot, lambda: screen.status == ev.COMPLETED)
+            await pilot.pause(0.3)
+            loss, acc = screen.query_one(LossPlot), screen.query_one(AccuracyPlot)
+            shown.append((loss.raw["run"], loss.smooth["run"], loss.note, acc.series, screen.last_step,
+                          log_text(screen), str(screen.query_one("#summary").render()),
+                          str(screen.query_one("#stats").render())))
+            screen.dismiss()
+            await pilot.pause()
+        assert shown[0] == shown[1] and shown[0][4] is not None
+
+
 # -- OneFlow stays off the UI thread -----------------------------------------------------------
 
 

@@ -19,8 +19,8 @@ from core import events as ev
 from core.config import RunConfig
 from core.store import RunWriter, list_runs
 from tui.app import TransferLabApp
-from tui.form import FormScreen
 from tui.dashboard import DashboardScreen
+from tui.form import FormScreen
 from tui.plots import AccuracyPlot, Buckets, LossPlot
 from tui.runs import RunsScreen
 
@@ -160,7 +160,7 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
         await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.runs)
         runs = app.screen
         timings = []
-        for attempt in range(3):  # the best of 3: this machine's other work adds noise
+        for _ in range(3):  # the best of 3: this machine's other work adds noise
             answered.clear()
             start = (time.perf_counter(), time.thread_time())
             press_now(app, "enter")

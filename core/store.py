@@ -116,6 +116,28 @@ class RunWriter:
             self._metrics.close()
 
 
+def mark_failed(run_dir: str | Path, message: str, details: str = "") -> bool:
+    """Record in a run's folder that it failed, when its writer could not: an error escaped the
+    trainer. Only a summary that still says "running" is changed; `details` (a traceback) goes
+    to error.txt. True when the summary was updated; never raises (the caller has an error to
+    report already)."""
+    path = Path(run_dir)
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        if not isinstance(summary, dict) or summary.get("status") != "running":
+            return False
+        started = summary.get("started")
+        summary.update(status=ev.FAILED, message=message)
+        if isinstance(started, (int, float)):
+            summary["seconds"] = max(0.0, time.time() - started)
+        if details:
+            atomic_write_text(path / "error.txt", details)
+        atomic_write_json(path / "summary.json", summary)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading runs back
 

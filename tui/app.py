@@ -10,6 +10,7 @@ import gc
 import os
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Iterable, List, Optional, Set
@@ -65,6 +66,13 @@ def lower_training_priority(niceness: int = TRAINING_NICENESS) -> int:
     return changed
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (OneFlow's errors
+    run over many lines; the whole text goes to the run's error.txt)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class EventBridge:
     """A core listener, called in the worker thread. Step events wait in a deque (drained by the
     UI on a timer); every other event is posted at once as a message, never coalesced."""
@@ -72,12 +80,16 @@ class EventBridge:
     def __init__(self, app: "TransferLabApp"):
         self.app = app
         self.steps: Deque[ev.StepEnded] = deque()
+        self.run_dir: Optional[str] = None
+        """The run's folder, once it started (known to the worker thread)."""
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.StepEnded):
             self.steps.append(event)
-        else:
-            self.app.post_message(TransferLabApp.RunEvent(event))
+            return
+        if isinstance(event, ev.RunStarted):
+            self.run_dir = event.run_dir
+        self.app.post_message(TransferLabApp.RunEvent(event))
 
     def drain(self) -> List[ev.StepEnded]:
         out = []
@@ -216,6 +228,7 @@ class TransferLabApp(App):
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _train(self, live: LiveRun) -> None:
         from core.errors import SetupError
+        from core.store import mark_failed
         from core.trainer import prepare, train
 
         lower_training_priority()
@@ -226,9 +239,14 @@ class TransferLabApp(App):
             self.post_message(self.RunCouldNotStart(str(exc)))
             return
         except Exception as exc:  # anything else while setting up: report, never crash the app
-            self.post_message(self.RunCouldNotStart(f"{type(exc).__name__}: {exc}"))
+            self.post_message(self.RunCouldNotStart(one_line(exc)))
             return
-        train(live.cfg, [live.bridge], live.control, prepared=prepared)
+        try:
+            train(live.cfg, [live.bridge], live.control, prepared=prepared)
+        except Exception as exc:  # escaped the trainer's own handling: on_worker_state_changed reports it
+            if live.bridge.run_dir is not None:
+                mark_failed(live.bridge.run_dir, one_line(exc), traceback.format_exc())
+            raise
 
     @property
     def dashboard(self):
@@ -273,13 +291,21 @@ class TransferLabApp(App):
             self.exit()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        """A crash in the worker outside train()'s own handling: show it, keep the app alive."""
+        """A crash in the worker outside train()'s own handling: show it, keep the app alive.
+        (The worker has marked the run's folder failed, if the run had one.)"""
         if event.worker.name == "train" and event.state == WorkerState.ERROR and self.live is not None:
-            error = event.worker.error
+            error = one_line(event.worker.error)
+            started = bool(self.live.run_id)
             self.live.status = ev.FAILED
             if self.dashboard is not None:
-                self.dashboard.could_not_start(f"{type(error).__name__}: {error}")
-            self.notify(f"The run failed: {error}", severity="error")
+                if started:
+                    self.dashboard.crashed(error)
+                else:
+                    self.dashboard.could_not_start(error)
+            self.notify(error, title="The run failed", severity="error", timeout=10)
+            self.refresh_runs()
+            if self.quit_after_run:
+                self.exit()
 
     def stop_run(self) -> None:
         if self.running:

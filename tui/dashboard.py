@@ -1,22 +1,30 @@
 """The run dashboard: live plots, progress with ETA, learning rates, images/s and a log.
 
-The same screen replays a finished run from its metrics.jsonl (`DashboardScreen(events=...)`).
+The same screen replays a finished run: from its folder (`DashboardScreen(run_dir=...)`, whose
+metrics.jsonl is read and parsed in a thread, never on the UI thread: 20,000 steps take ~0.2 s),
+or from events already in memory (`DashboardScreen(events=...)`). Either way the events are
+applied in one pass: the steps between two epoch events go to the plot in one call.
 """
 from __future__ import annotations
 
 import time
+from itertools import groupby
+from pathlib import Path
 from typing import Iterable, List, Optional
 
 from rich.markup import escape
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 
 from core import events as ev
 from core.cli import fmt_duration
 from core.config import RunConfig, from_mapping
+from core.store import read_events
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
@@ -32,10 +40,20 @@ class DashboardScreen(Screen):
         Binding("escape", "back", "Back", show=False),
     ]
 
-    def __init__(self, events: Iterable[ev.Event] = (), live: bool = True) -> None:
+    class EventsRead(Message):
+        """A replayed run's events, read off the UI thread (or why they could not be read)."""
+
+        def __init__(self, events: List[ev.Event], error: str = "") -> None:
+            super().__init__()
+            self.events = events
+            self.error = error
+
+    def __init__(self, events: Iterable[ev.Event] = (), live: bool = True,
+                 run_dir: Optional[Path] = None) -> None:
         super().__init__()
         self.replay = list(events)
-        self.live = live and not self.replay
+        self.run_dir = run_dir
+        self.live = live and not self.replay and run_dir is None
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -66,12 +84,32 @@ class DashboardScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "dashboard" if self.live else "run (replay)"
-        for event in self.replay:
-            if isinstance(event, ev.StepEnded):
-                self.apply_steps([event])
-            else:
-                self.apply(event)
+        if self.run_dir is not None:
+            self.query_one("#summary", Static).update(f"loading {escape(str(self.run_dir))}...")
+            self.query_one(LossPlot).set_note("loading...")
+            self._read_events(self.run_dir)
+        self.apply_all(self.replay)
         self.set_interval(1.0, self._update_stats)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="replay")
+    def _read_events(self, run_dir: Path) -> None:
+        try:
+            events = read_events(run_dir)
+        except Exception as exc:  # an unreadable file is a message on the screen, not a crash
+            self.post_message(self.EventsRead([], f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(self.EventsRead(events))
+
+    @on(EventsRead)
+    def _events_read(self, message: EventsRead) -> None:
+        self.query_one(LossPlot).set_note("")
+        if message.error:
+            self.query_one("#summary", Static).update(f"[b red]unreadable run[/b red]: {escape(message.error)}")
+            self.log_line(f"[red]metrics of {escape(str(self.run_dir))} unreadable: {escape(message.error)}[/red]")
+        elif not message.events:
+            self.query_one("#summary", Static).update(f"no events recorded in {escape(str(self.run_dir))}")
+        self.apply_all(message.events)
+        self.query_one(LossPlot).redraw_now()
 
     # -- state updates (UI thread only) -----------------------------------------------------------
 
@@ -91,19 +129,34 @@ class DashboardScreen(Screen):
     def could_not_start(self, error: str) -> None:
         self.status = "not started"
         self.query_one("#step-bar", ProgressBar).update(total=1, progress=0)
-        self.query_one("#summary", Static).update(f"[b red]could not start[/b red]: {error}")
-        self.log_line(f"[red]{error}[/red]")
+        self.query_one("#summary", Static).update(f"[b red]could not start[/b red]: {escape(error)}")
+        self.log_line(f"[red]{escape(error)}[/red]")
         self.log_line("Press F1 (or e) to change the settings and start again.")
+
+    def crashed(self, error: str) -> None:
+        """The run's worker died of an error that the trainer did not handle."""
+        self.status = ev.FAILED
+        self.refresh_bindings()
+        self.log_line(f"[b red]failed[/b red]: {escape(error)}")
+        self._update_stats()
 
     def log_line(self, text: str) -> None:
         self.query_one("#log", RichLog).write(text)
 
+    def apply_all(self, events: Iterable[ev.Event]) -> None:
+        """Replay recorded events in one pass: each run of steps at once, other events in order
+        (per step, the widget updates cost ~0.3 ms: 6.6 s of frozen UI for 20,000 steps)."""
+        for is_step, group in groupby(events, key=lambda event: isinstance(event, ev.StepEnded)):
+            if is_step:
+                self.apply_steps(list(group))
+            else:
+                for event in group:
+                    self.apply(event)
+
     def apply_steps(self, steps: List[ev.StepEnded]) -> None:
         if not steps:
             return
-        plot = self.query_one(LossPlot)
-        for step in steps:
-            plot.add("run", step.global_step, step.loss)
+        self.query_one(LossPlot).extend("run", [s.global_step for s in steps], [s.loss for s in steps])
         self.last_step = steps[-1]
         total = self.started.steps_per_epoch if self.started else None
         self.query_one("#step-bar", ProgressBar).update(total=total, progress=self.last_step.step)

@@ -56,18 +56,31 @@ class Buckets:
     per_bucket: int = 1
 
     def add(self, x: float, y: float) -> None:
-        if self.counts and self.counts[-1] < self.per_bucket:
-            n = self.counts[-1]
-            self.xs[-1] = (self.xs[-1] * n + x) / (n + 1)
-            self.ys[-1] = (self.ys[-1] * n + y) / (n + 1)
-            self.counts[-1] = n + 1
-            return
-        if len(self.counts) >= self.SIZE:
-            self._halve()
-            return self.add(x, y)
-        self.xs.append(x)
-        self.ys.append(y)
-        self.counts.append(1)
+        self.extend((x,), (y,))
+
+    def extend(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+        """add() of every point in turn, in one call: the same arithmetic in the same order, so
+        the same floats (a bucket's mean is updated one point at a time, as add() does it)."""
+        i, end = 0, len(xs)
+        while i < end:
+            counts = self.counts
+            if counts and counts[-1] < self.per_bucket:
+                n = counts[-1]
+                x, y = self.xs[-1], self.ys[-1]
+                stop = min(end, i + self.per_bucket - n)
+                for j in range(i, stop):
+                    x = (x * n + xs[j]) / (n + 1)
+                    y = (y * n + ys[j]) / (n + 1)
+                    n += 1
+                self.xs[-1], self.ys[-1], counts[-1] = x, y, n
+                i = stop
+            elif len(counts) >= self.SIZE:
+                self._halve()
+            else:
+                self.xs.append(xs[i])
+                self.ys.append(ys[i])
+                counts.append(1)
+                i += 1
 
     def _halve(self) -> None:
         xs, ys, counts = [], [], []
@@ -95,6 +108,8 @@ class TimedPlot(PlotextPlot):
     def __init__(self, title: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.title = title
+        self.note = ""
+        """Said after the title while it matters, e.g. "loading..." while data is read."""
         self.dirty = True
         self.version = 0
         self._cache = None
@@ -124,6 +139,11 @@ class TimedPlot(PlotextPlot):
     def mark_dirty(self) -> None:
         self.dirty = True
 
+    def set_note(self, note: str) -> None:
+        if note != self.note:
+            self.note = note
+            self.dirty = True
+
     def redraw_now(self) -> None:
         """Redraw at once (after a key press), not on the next tick."""
         self.dirty = True
@@ -136,7 +156,7 @@ class TimedPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(self.title)
+        plt.title(f"{self.title} ({self.note})" if self.note else self.title)
         self.draw(plt)
         self.version += 1
         self.refresh()
@@ -168,11 +188,20 @@ class LossPlot(TimedPlot):
         self.mark_dirty()
 
     def add(self, series: str, step: int, loss: float) -> None:
-        ema = self._ema.get(series)
-        ema = loss if ema is None else self.SMOOTHING * ema + (1 - self.SMOOTHING) * loss
+        self.extend(series, (step,), (loss,))
+
+    def extend(self, series: str, steps: Sequence[int], losses: Sequence[float]) -> None:
+        """Many add() calls in one: the same series, the same floats (a replayed run of 20,000
+        steps is added at once, then drawn once)."""
+        if not len(steps):
+            return
+        smoothed, ema, keep = [], self._ema.get(series), self.SMOOTHING
+        for loss in losses:
+            ema = loss if ema is None else keep * ema + (1 - keep) * loss
+            smoothed.append(ema)
         self._ema[series] = ema
-        self.raw.setdefault(series, Buckets()).add(step, loss)
-        self.smooth.setdefault(series, Buckets()).add(step, ema)
+        self.raw.setdefault(series, Buckets()).extend(steps, losses)
+        self.smooth.setdefault(series, Buckets()).extend(steps, smoothed)
         self.dirty = True
 
     def points(self) -> int:

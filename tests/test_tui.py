@@ -189,7 +189,8 @@ async def test_runs_screen_lists_overlays_and_compares(tmp_path):
         assert screen.selected == {r.run_id for r in runs}
         loss = screen.query_one("#overlay-loss", LossPlot)
         acc = screen.query_one("#overlay-acc", AccuracyPlot)
-        assert len(loss.smooth) == 2 and len(acc.series) == 2
+        await wait_until(pilot, lambda: len(loss.smooth) == 2, timeout=10)  # curves are read in a thread
+        assert len(acc.series) == 2
         await pilot.press("c")
         await pilot.pause()
         assert isinstance(app.screen, CompareScreen)
@@ -200,10 +201,11 @@ async def test_runs_screen_lists_overlays_and_compares(tmp_path):
         assert finetune_row[5] == f"{expected:+.4f}"
         await pilot.press("escape")
         await pilot.press("enter")
-        await pilot.pause(0.3)
+        await pilot.pause()
         replay = app.screen
         assert isinstance(replay, DashboardScreen) and not replay.live
-        assert replay.query_one(LossPlot).points() == 3 and replay.results
+        await wait_until(pilot, lambda: replay.results, timeout=10)  # metrics are read in a thread
+        assert replay.query_one(LossPlot).points() == 3
 
 
 def test_cli_flags_prefill_the_tui():

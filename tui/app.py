@@ -305,7 +305,7 @@ class TransferLabApp(App):
             self.notify(error, title="The run failed", severity="error", timeout=10)
             self.refresh_runs()
             if self.quit_after_run:
-                self.exit()
+                self.exit(return_code=1)  # the app ends on an error: its exit status says so
 
     def stop_run(self) -> None:
         if self.running:

@@ -104,7 +104,8 @@ def test_nan_loss_fails_the_run_with_a_message(tiny_cfg):
     result = train(tiny_cfg.replace(lr=1e12, limit_train=96, batch_size=16))
     assert result.status == ev.FAILED
     assert "loss became nan" in result.message.lower() or "loss became inf" in result.message.lower()
-    assert "Lower the learning rate" in result.message
+    assert "Likely cause: the learning rate is too high (lr=1e+12)" in result.message
+    assert "weight decay" not in result.message
 
 
 def test_an_exception_mid_run_fails_it_and_keeps_the_folder(tiny_cfg):

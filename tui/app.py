@@ -228,7 +228,10 @@ class TransferLabApp(App):
         except Exception as exc:  # anything else while setting up: report, never crash the app
             self.post_message(self.RunCouldNotStart(f"{type(exc).__name__}: {exc}"))
             return
-        train(live.cfg, [live.bridge], live.control, prepared=prepared)
+        try:
+            train(live.cfg, [live.bridge], live.control, prepared=prepared)
+        except SetupError as exc:  # the run folder could not be created
+            self.post_message(self.RunCouldNotStart(str(exc)))
 
     @property
     def dashboard(self):

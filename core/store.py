@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -47,7 +48,12 @@ class StoreWriteError(RuntimeError):
 
 
 def error_reason(exc: BaseException) -> str:
-    """The readable part of an OSError ("No space left on device")."""
+    """The readable part of an OSError ("No space left on device"). shutil.copytree gathers
+    its errors in one shutil.Error: the first one's reason is given."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        first = str(exc.args[0][0][-1])  # "[Errno 28] No space left on device: 'path'"
+        match = re.match(r"\[Errno \d+\] ([^:]+)", first)
+        return match.group(1) if match else first
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
 
 
@@ -97,11 +103,15 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def overwrite_text(path: Path, text: str) -> None:
-    """Rewrite an existing file in place. Not atomic: the last resort when a full disk leaves no
-    room for a temporary copy (truncating frees the old content's space first)."""
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    """Rewrite an existing file in place, over its own bytes (padded with spaces, which JSON
+    ignores, up to its old length): the last resort when a full disk leaves no room for a
+    temporary copy. Not atomic, but it needs no new space, and a write refused outright leaves
+    the old content as it was (no truncation first)."""
+    data = text.encode("utf-8")
+    data += b" " * max(0, path.stat().st_size - len(data))
+    fd = os.open(path, os.O_WRONLY)
     try:
-        write_bytes(fd, text.encode("utf-8"))
+        write_bytes(fd, data)
     finally:
         os.close(fd)
 
@@ -135,8 +145,8 @@ def check_runs_dir(runs_dir: str | Path, min_free: Optional[int] = None) -> Path
             raise RunsDirError(f"runs folder {path}: {existing} is a broken link")
         existing = existing.parent
     if not existing.is_dir():
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise RunsDirError(f"runs folder {path} {where}, not a folder: choose another --runs-dir")
+        what = "is a file, not a folder" if existing == path else f"cannot be created: {existing} is a file"
+        raise RunsDirError(f"runs folder {path} {what}: choose another --runs-dir")
     try:
         fd, probe = tempfile.mkstemp(prefix=".transferlab-write-test-", dir=existing)
         os.close(fd)

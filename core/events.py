@@ -112,7 +112,10 @@ def _check_config(config: Dict[str, Any]) -> None:
     """A RunStarted's config must be valid settings: replay builds a RunConfig from it."""
     from core.config import from_mapping, validate
 
-    problems = validate(from_mapping(config))  # ConfigError is a ValueError
+    try:
+        problems = validate(from_mapping(config))
+    except Exception as exc:  # ConfigError, or a value no check foresaw (an int too large for a float)
+        problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
     if problems:
         raise ValueError(f"config: {problems[0]}")
 

@@ -426,3 +426,166 @@ def test_duration_in_the_summary_is_kept_current_while_steps_go_on(tmp_path, mon
     writer(ev.EpochEnded(1, 2.3, 0.1, 2.3, 0.1, 1.0))  # and on every epoch
     assert json.loads((writer.path / "summary.json").read_text())["seconds"] >= 200
     writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzz: mutated runs folders through every reader
+
+FUZZ_VARIANTS = 600
+JSON_FILES = ("summary.json", "config.json")
+
+
+def junk(rng, depth=0):
+    """A random JSON-able value: wrong types, huge or non-finite numbers, markup, nesting."""
+    kind = rng.randrange(12 if depth < 3 else 9)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.randrange(-10, 10)
+    if kind == 3:
+        return rng.choice([1, -1]) * 10 ** rng.randrange(15, 400)
+    if kind == 4:
+        return rng.choice([float("nan"), float("inf"), float("-inf"), 1e308, -0.0, 5e-324, 0.25])
+    if kind in (5, 6):
+        return rng.choice(["", "abc", "[/]", "[bold]x", "\x00", "é" * 3, "completed", "running", "finetune",
+                           "imagefolder:[red]", "1e3", "NaN", " " * 50, "\n\r\t"])
+    if kind in (7, 8):
+        return "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(0, 20)))
+    if kind in (9, 10):
+        return [junk(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
+    return {rng.choice(["status", "epoch", "loss", "a", ""]): junk(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
+
+
+def mutate_json(rng, text: bytes) -> bytes:
+    """One mutation of a JSON document (summary.json / config.json)."""
+    how = rng.randrange(11)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None  # already mutated: mutate its bytes
+    if how < 4 and isinstance(data, dict):
+        keys = list(data) or ["x"]
+        key = rng.choice(keys)
+        if how == 0:
+            data = junk(rng)
+        elif how == 1:
+            data[key] = junk(rng)
+        elif how == 2:
+            data.pop(key, None)
+        else:
+            data[rng.choice(["extra", key + "_", ""])] = junk(rng)
+        return json.dumps(data).encode()
+    if how <= 4:
+        return text[: rng.randrange(len(text) + 1)]
+    if how == 5 and text:
+        out = bytearray(text)
+        for _ in range(rng.randrange(1, 6)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+        return bytes(out)
+    if how == 6:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+    if how == 7:
+        return rng.choice([b"[", b'{"a":', b"[{}, "]) * rng.randrange(100, 50_000)
+    if how == 8:
+        key = rng.choice([b'"seconds"', b'"epochs"', b'"best_test_acc"', b'"pid"', b'"lr"'])
+        return text.replace(key + b": ", key + b": " + b"9" * rng.randrange(300, 6000) + b" , \"_\": ", 1)
+    if how == 9:
+        key = rng.choice([b'"seconds"', b'"lr"', b'"final_test_acc"', b'"started"'])
+        return text.replace(key + b": ", key + b": " + rng.choice([b"NaN", b"Infinity", b"-Infinity"]) + b", \"_\": ", 1)
+    return rng.choice([b"", b"null", b"[]", b'"x"', b"0", b"true", b"{}", b"\xff\xfe\x00"])
+
+
+def mutate_metrics(rng, text: bytes) -> bytes:
+    """Mutations of a few lines of metrics.jsonl (or of the whole file)."""
+    lines = text.splitlines()
+    if rng.random() < 0.1:
+        return mutate_json(rng, text) if rng.random() < 0.5 else bytes(rng.randrange(256) for _ in range(300))
+    for _ in range(rng.randrange(1, 6)):
+        i = rng.randrange(len(lines))
+        how = rng.randrange(6)
+        try:
+            record = json.loads(lines[i])
+        except ValueError:
+            record = None  # a line mutated before
+        if how < 3 and isinstance(record, dict):
+            key = rng.choice([k for k in record if k != "event"] or ["event"])
+            if how == 0:
+                record[key] = junk(rng)
+            elif how == 1:
+                record.pop(key)
+            else:
+                record["event"] = junk(rng) if rng.random() < 0.3 else rng.choice(list(ev.EVENT_TYPES))
+            lines[i] = json.dumps(record).encode()
+        else:
+            lines[i] = mutate_json(rng, lines[i]) if how == 3 else lines[i][: rng.randrange(len(lines[i]) + 1)]
+    return b"\n".join(lines) + b"\n"
+
+
+def check_record(run):
+    """What every reader may rely on in a RunRecord."""
+    assert set(run.summary) == set(store.SUMMARY_FIELDS)
+    for key, kind in store.SUMMARY_FIELDS.items():
+        ev.checked(run.summary[key], f"Optional[{kind}]", key)
+    if run.unreadable:
+        assert run.summary["status"] == "unreadable" and run.reason
+    else:
+        assert run.config is not None and run.summary["status"] in store.RUN_STATUSES + ("interrupted",)
+
+
+def test_fuzz_mutated_runs_folders_never_break_the_readers(tmp_path, capsys):
+    import random
+
+    from core.cli import cmd_compare, cmd_runs
+    from core.config import from_mapping
+
+    rng = random.Random(20261129)
+    root = tmp_path / "runs"
+    good = recorded_runs(root)
+    originals = {name: (good[0] / name).read_bytes() for name in (*JSON_FILES, "metrics.jsonl")}
+    bad = root / "20261129-235959-finetune-digits"
+    unreadable = 0
+    for variant in range(FUZZ_VARIANTS):
+        shutil.rmtree(bad, ignore_errors=True)
+        bad.mkdir()
+        for name, content in originals.items():
+            (bad / name).write_bytes(content)
+        changed = rng.sample(sorted(originals), rng.randrange(1, 4))
+        for name in changed:
+            if rng.random() < 0.05:
+                (bad / name).unlink()
+                if rng.random() < 0.5:
+                    (bad / name).mkdir()
+            elif name == "metrics.jsonl":
+                (bad / name).write_bytes(mutate_metrics(rng, originals[name]))
+            else:
+                (bad / name).write_bytes(mutate_json(rng, originals[name]))
+        try:
+            runs = list_runs(root)
+            assert [r.run_id for r in runs] == [*(g.name for g in good), bad.name]
+            for run in runs:
+                check_record(run)
+            assert not runs[0].unreadable and not runs[1].unreadable
+            unreadable += runs[2].unreadable
+            for event in read_events(bad):  # what replay and the plots do with them
+                if isinstance(event, ev.RunStarted):
+                    from_mapping(event.config)
+                elif isinstance(event, ev.EpochEnded):
+                    ev.epoch_summary(event, 3)
+                elif isinstance(event, ev.RunFinished):
+                    ev.finish_summary(event)
+            assert cmd_runs(str(root)) == 0
+            out = capsys.readouterr().out
+            assert all(g.name in out for g in good)
+            assert cmd_compare(str(root), []) == 0
+            assert cmd_compare(str(root), [bad.name, good[0].name]) == 0
+            assert good[0].name in capsys.readouterr().out
+        except BaseException:
+            print(f"fuzz variant {variant} (changed {changed}):")
+            for name in changed:
+                if (bad / name).is_file():
+                    print(name, (bad / name).read_bytes()[:300])
+            raise
+    # the mutations do produce unreadable runs, and leave some readable
+    assert 0.3 * FUZZ_VARIANTS < unreadable < FUZZ_VARIANTS

@@ -395,3 +395,47 @@ async def test_plots_draw_exactly_what_plotext_draws(tmp_path):
             styles = [ours.get_style_at_offset(app.console, i) for i in range(len(ours))]
             assert styles == [theirs.get_style_at_offset(app.console, i) for i in range(len(theirs))]
             assert len({style.color for style in styles}) >= 3  # axes and at least two curves
+
+
+async def test_unreadable_runs_show_as_such_and_their_keys_give_a_toast(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    runs = tmp_path / "runs"
+    recorded = sorted((ROOT / "tests" / "data" / "runs").iterdir())
+    for src in recorded:
+        shutil.copytree(src, runs / src.name)
+    bad = runs / "20261129-235959-finetune-digits"  # the newest: first in the table
+    shutil.copytree(recorded[1], bad)
+    (bad / "config.json").write_text('{"epochs": "many"}')
+    (bad / "metrics.jsonl").write_text('{"event": "StepEnded", "loss": "abc"}\n')
+    markup = runs / "20261129-000000-[red]x"  # a folder name that is not markup either
+    shutil.copytree(recorded[0], markup)
+    (markup / "summary.json").write_text("[]")
+    app = TransferLabApp(tiny(tmp_path))
+    toasts = []
+    notify = app.notify
+    app.notify = lambda message, **kw: (toasts.append(message), notify(message, **kw))[1]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        table = screen.query_one("#runs-table")
+        assert table.row_count == 4
+        rows = {table.get_row_at(i)[1]: table.get_row_at(i) for i in range(4)}
+        assert rows[bad.name][7] == "unreadable" and rows[bad.name][2] == "?"
+        assert rows[recorded[1].name][7] == "completed"
+        assert rows["20261129-000000-\\[red]x"][7] == "unreadable"  # shown as it is named
+        assert table.get_row_at(0)[1] == bad.name and table.cursor_row == 0
+        for key in ("space", "enter", "e"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen is screen
+        assert screen.selected == set()
+        why = f"{bad.name} is unreadable: config.json: epochs must be a whole number, got 'many'"
+        assert toasts.count(why) == 3
+        await pilot.press("c")  # compares the readable runs
+        await pilot.pause()
+        assert isinstance(app.screen, CompareScreen) and app.screen.query_one("#compare-table").row_count == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Set
 
-from rich.text import Text
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -38,7 +38,7 @@ class CompareScreen(ModalScreen):
         table.add_columns("strategy", "run", "epochs", "final acc", "best acc", "vs scratch", "status")
         for row in comparison_rows(self.runs):
             diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-            table.add_row(*(Text(cell) for cell in (  # Text: names read from files are not markup
+            table.add_row(*(escape(cell) for cell in (  # names read from files are not markup
                 row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
                 fmt_acc(row["best_test_acc"]), diff, str(row["status"]))))
 
@@ -120,7 +120,7 @@ class RunsScreen(Screen):
         for run in reversed(self.runs):  # newest first
             row = run_row(run)
             cells = (row[c] for c in ("run", "strategy", "dataset", "lr", "epochs", "best test acc", "status", "duration"))
-            table.add_row("✓" if run.run_id in self.selected else "", *map(Text, cells), key=run.run_id)
+            table.add_row("✓" if run.run_id in self.selected else "", *map(escape, cells), key=run.run_id)
         if row_key is not None and row_key in {r.run_id for r in self.runs}:
             table.move_cursor(row=table.get_row_index(row_key))
         self._update_hint()

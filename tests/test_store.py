@@ -126,11 +126,15 @@ def test_a_run_folder_that_cannot_be_written_at_start_is_a_setup_error(tmp_path,
 
 
 def test_ten_runs_started_in_the_same_second_all_get_their_own_folder(tmp_path, monkeypatch):
+    import pathlib
+    import time
+
     monkeypatch.setattr(store.time, "strftime", lambda fmt, *a: "20261129-120000")
+    for name in ("exists", "mkdir", "stat"):  # a slow file system: 2 ms per metadata call
+        real = getattr(pathlib.Path, name)
+        monkeypatch.setattr(pathlib.Path, name, lambda self, *a, _real=real, **k: (time.sleep(0.002), _real(self, *a, **k))[1])
     start = threading.Barrier(10)
     writers, errors = [], []
-    switch = __import__("sys").getswitchinterval()
-    __import__("sys").setswitchinterval(1e-6)  # threads interleave as much as processes would
 
     def start_run():
         start.wait()
@@ -139,14 +143,12 @@ def test_ten_runs_started_in_the_same_second_all_get_their_own_folder(tmp_path, 
         except Exception as exc:
             errors.append(exc)
 
-    try:
-        threads = [threading.Thread(target=start_run) for _ in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        __import__("sys").setswitchinterval(switch)
+    threads = [threading.Thread(target=start_run) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
     assert errors == []
     ids = sorted(w.run_id for w in writers)
     stem = "20261129-120000-finetune-cifar10"

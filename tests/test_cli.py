@@ -117,8 +117,8 @@ class Training:
 
     def wait_for_a_step(self):
         def stepped():
-            path = self.run_dir()
-            return path is not None and '"StepEnded"' in (path / "metrics.jsonl").read_text()
+            metrics = (self.run_dir() or self.cwd) / "metrics.jsonl"
+            return metrics.exists() and '"StepEnded"' in metrics.read_text()
 
         self.wait_for(stepped, "StepEnded in metrics.jsonl")
 
@@ -144,19 +144,26 @@ def test_ctrl_c_stops_gracefully_with_exit_3(tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["last"] and (ck / "last" / "meta.json").exists()
 
 
-def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path):
+@pytest.mark.parametrize("when", ["mid-step", "writing the checkpoint"])
+def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, when):
     import signal
 
     t = Training(tmp_path)
     t.wait_for_a_step()
     t.signal(signal.SIGINT)
     t.wait_for(lambda: any("Ctrl-C: stopping" in line for line in t.lines), "the stop message")
-    t.signal(signal.SIGINT)  # while the step runs or the stop's checkpoint is written
+    if when == "writing the checkpoint":
+        ck = t.run_dir() / "checkpoints"
+        t.wait_for(lambda: ck.is_dir() and any(p.name.startswith(".last.tmp-") for p in ck.iterdir()),
+                   "the stop's checkpoint being written")
+    t.signal(signal.SIGINT)
     code, summary, out = t.finish()
     assert code == 130, out
     assert summary["status"] == "aborted" and "Traceback" not in out
     ck = t.run_dir() / "checkpoints"
     assert not ck.exists() or not [p for p in ck.iterdir() if ".tmp-" in p.name]  # no partial checkpoint
+    if when == "writing the checkpoint":
+        assert not (ck / "last").exists()  # the abort came before the checkpoint was complete
 
 
 def test_sigterm_stops_gracefully_with_exit_3(tmp_path):

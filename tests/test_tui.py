@@ -439,3 +439,26 @@ async def test_unreadable_runs_show_as_such_and_their_keys_give_a_toast(tmp_path
         await pilot.press("c")  # compares the readable runs
         await pilot.pause()
         assert isinstance(app.screen, CompareScreen) and app.screen.query_one("#compare-table").row_count == 2
+
+
+async def test_a_run_folder_that_cannot_be_written_is_a_could_not_start(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from core import store
+
+    real = store.write_bytes
+
+    def read_only_config(fd, data):
+        if "/.config.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real(fd, data)
+
+    monkeypatch.setattr(store, "write_bytes", read_only_config)
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(pilot, lambda: app.live.status == "not started")
+        await pilot.pause()
+        assert squash("cannot write the run folder") in log_text(app.screen)
+        assert squash("Read-only file system") in log_text(app.screen)
+        assert list(os.scandir(tmp_path / "runs")) == []

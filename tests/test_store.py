@@ -589,5 +589,6 @@ def test_fuzz_mutated_runs_folders_never_break_the_readers(tmp_path, capsys):
                 if (bad / name).is_file():
                     print(name, (bad / name).read_bytes()[:300])
             raise
+    print(f"fuzz: {FUZZ_VARIANTS} variants, {unreadable} unreadable")
     # the mutations do produce unreadable runs, and leave some readable
     assert 0.3 * FUZZ_VARIANTS < unreadable < FUZZ_VARIANTS

@@ -136,9 +136,18 @@ def check_runs_dir(runs_dir: str | Path, min_free: Optional[int] = None) -> Path
     (default MIN_FREE_BYTES). Nothing is created: a missing folder is checked through its
     nearest existing parent. Called before data and model load, so a bad folder costs nothing."""
     text = str(runs_dir)
+    shown = text if len(text) <= 120 else text[:117] + "..."
     if "\0" in text:
-        raise RunsDirError(f"runs folder {text!r} holds a NUL byte: choose another folder name")
-    path = Path(text).expanduser()
+        raise RunsDirError(f"runs folder {shown!r} holds a NUL byte: choose another folder name")
+    try:
+        return _check_runs_dir(Path(text).expanduser(), MIN_FREE_BYTES if min_free is None else min_free)
+    except (OSError, RuntimeError) as exc:  # a name too long, ~user without a home...
+        if isinstance(exc, RunsDirError):
+            raise
+        raise RunsDirError(f"runs folder {shown}: {error_reason(exc)}") from None
+
+
+def _check_runs_dir(path: Path, min_free: int) -> Path:
     existing = path
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():
@@ -155,10 +164,9 @@ def check_runs_dir(runs_dir: str | Path, min_free: Optional[int] = None) -> Path
         target = path if existing == path else f"{path} (in {existing})"
         raise RunsDirError(f"cannot write in the runs folder {target}: {error_reason(exc)}") from None
     free = shutil.disk_usage(existing).free
-    need = MIN_FREE_BYTES if min_free is None else min_free
-    if free < need:
+    if free < min_free:
         raise RunsDirError(f"the runs folder {path} has only {free / 2 ** 20:.1f} MB free (a run needs "
-                           f"at least {need / 2 ** 20:.0f} MB for its checkpoints): free some space "
+                           f"at least {min_free / 2 ** 20:.0f} MB for its checkpoints): free some space "
                            "or choose another --runs-dir")
     return path
 
@@ -190,11 +198,12 @@ class RunWriter:
     event (RunFinished) it still tries every way to leave summary.json saying how the run ended."""
 
     def __init__(self, cfg: RunConfig, runs_dir: Optional[str | Path] = None):
-        self.runs_dir = Path(runs_dir or cfg.runs_dir).expanduser()
+        self.runs_dir = Path(runs_dir or cfg.runs_dir)
         try:
+            self.runs_dir = self.runs_dir.expanduser()
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             self.path = reserve_run_dir(cfg, self.runs_dir)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise RunsDirError(f"cannot create a run folder in {self.runs_dir}: {error_reason(exc)}") from None
         self.run_id = self.path.name
         self.started = time.time()
@@ -500,7 +509,7 @@ def list_runs(runs_dir: str | Path) -> List[RunRecord]:
         if not root.is_dir():
             return []
         entries = sorted(root.iterdir())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: ~user without a home
         raise RunsDirError(f"cannot list the runs folder {runs_dir}: {error_reason(exc)}") from None
     return [read_run(p) for p in entries if _is_run_dir(p)]
 
@@ -514,10 +523,12 @@ def _is_run_dir(path: Path) -> bool:
 
 def find_run(runs_dir: str | Path, ref: str) -> Path:
     """A run folder from its id, a unique id prefix/suffix, or a path."""
-    as_path = Path(ref).expanduser()
+    try:
+        as_path, root = Path(ref).expanduser(), Path(runs_dir).expanduser()
+    except RuntimeError as exc:  # ~user without a home
+        raise LookupError(str(exc)) from None
     if (as_path / "config.json").exists():
         return as_path
-    root = Path(runs_dir).expanduser()
     try:
         matches = [p for p in root.iterdir() if p.is_dir() and (p.name == ref or ref in p.name)] \
             if root.is_dir() else []

@@ -75,6 +75,10 @@ def test_runs_dir_that_is_a_file_under_a_file_or_holds_a_nul_is_refused(tmp_path
         check_runs_dir(afile / "runs" / "deeper")
     with pytest.raises(RunsDirError, match="holds a NUL byte"):
         check_runs_dir(str(tmp_path / "ru\0ns"))
+    with pytest.raises(RunsDirError, match=r"runs folder .{100,120}\.\.\.: File name too long"):
+        check_runs_dir(tmp_path / ("x" * 300))
+    with pytest.raises(RunsDirError, match="cannot list the runs folder ~no-such-user/runs"):
+        list_runs("~no-such-user/runs")
     assert afile.read_text() == "x"
 
 

@@ -87,14 +87,12 @@ class RunsScreen(Screen):
 
     def _signature(self) -> tuple:
         """Which run folders exist and when their summaries last changed."""
-        root = Path(self.app.runs_dir).expanduser()
-        if not root.is_dir():
+        try:
+            root = Path(self.app.runs_dir).expanduser()
+            entries = sorted(root.iterdir()) if root.is_dir() else []
+        except (OSError, RuntimeError):  # RuntimeError: ~user without a home
             return ()
         out = []
-        try:
-            entries = sorted(root.iterdir())
-        except OSError:
-            return ()
         for path in entries:
             try:
                 out.append((path.name, (path / "summary.json").stat().st_mtime_ns))

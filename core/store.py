@@ -48,13 +48,23 @@ class StoreWriteError(RuntimeError):
 
 
 def error_reason(exc: BaseException) -> str:
-    """The readable part of an OSError ("No space left on device"). shutil.copytree gathers
-    its errors in one shutil.Error: the first one's reason is given."""
+    """The readable part of an OSError ("No space left on device"); see io_error_reason."""
+    return io_error_reason(exc) or str(exc) or type(exc).__name__
+
+
+def io_error_reason(exc: BaseException) -> Optional[str]:
+    """Why a write failed, when `exc` is an I/O error: an OSError's strerror; for shutil.copytree's
+    shutil.Error (which gathers its errors), the first one's; for a library in Rust
+    (safetensors: "I/O error: No space left on device (os error 28)"), the OS error it names.
+    None when `exc` is not an I/O error."""
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
         first = str(exc.args[0][0][-1])  # "[Errno 28] No space left on device: 'path'"
         match = re.match(r"\[Errno \d+\] ([^:]+)", first)
         return match.group(1) if match else first
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
 
 
 def write_bytes(fd: int, data: bytes) -> None:

@@ -17,7 +17,7 @@ from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.models import WeightsError, build_model
-from core.store import (RunWriter, StoreWriteError, atomic_write_json, check_runs_dir, error_reason,
+from core.store import (RunWriter, StoreWriteError, atomic_write_json, check_runs_dir, io_error_reason,
                         replace_dir, tidy_run)
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
 from oneflow import nn
@@ -313,14 +313,15 @@ class Trainer:
     def _save_checkpoint(self, epoch: int, step: int, best: bool) -> None:
         """_checkpoint, all or nothing: on any failure (disk full, Ctrl-C...) the partial
         .last.tmp-* / .best.tmp-* folders are removed and the previous checkpoints stay as they
-        were (tidy_run); an OSError becomes a StoreWriteError naming the folder and the reason."""
+        were (tidy_run); an I/O error becomes a StoreWriteError naming the folder and the reason."""
         try:
             self._checkpoint(epoch, step, best)
         except BaseException as exc:
             tidy_run(self.writer.path)
-            if isinstance(exc, OSError):
+            reason = io_error_reason(exc)
+            if reason is not None:
                 folder = self.writer.checkpoint_dir("last").parent
-                raise StoreWriteError(f"could not write a checkpoint to {folder}: {error_reason(exc)}") from None
+                raise StoreWriteError(f"could not write a checkpoint to {folder}: {reason}") from None
             raise
 
     def _checkpoint(self, epoch: int, step: int, best: bool) -> None:

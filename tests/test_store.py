@@ -266,6 +266,19 @@ def test_real_disk_full_during_a_checkpoint(tiny_cfg, tmpfs):
     assert strict_loads((path / "metrics.jsonl").read_text().splitlines()[-1])["status"] == "failed"
 
 
+def test_real_disk_full_while_writing_the_first_checkpoint(tiny_cfg, tmpfs):
+    """A 60 MB tmpfs: room for the run's files and the model's weights, not the optimizer's."""
+    from core.trainer import train
+
+    runs = tmpfs("60m") / "runs"
+    result = train(tiny_cfg.replace(runs_dir=str(runs), limit_train=32))
+    (path,) = runs.iterdir()
+    assert result.status == ev.FAILED, result
+    assert result.message == f"could not write a checkpoint to {path / 'checkpoints'}: No space left on device"
+    assert read_run(path).summary["status"] == "failed"
+    assert list((path / "checkpoints").iterdir()) == []  # the partial .last.tmp-* is gone
+
+
 # ---------------------------------------------------------------------------------------------
 # leftovers of a kill
 
@@ -596,3 +609,12 @@ def test_fuzz_mutated_runs_folders_never_break_the_readers(tmp_path, capsys):
     print(f"fuzz: {FUZZ_VARIANTS} variants, {unreadable} unreadable")
     # the mutations do produce unreadable runs, and leave some readable
     assert 0.3 * FUZZ_VARIANTS < unreadable < FUZZ_VARIANTS
+
+
+def test_io_errors_are_named_whoever_raises_them():
+    assert store.io_error_reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+    copytree = shutil.Error([("a", "b", "[Errno 28] No space left on device: 'b/x'")])
+    assert store.io_error_reason(copytree) == "No space left on device"
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # safetensors
+    assert store.io_error_reason(rust) == "No space left on device"
+    assert store.io_error_reason(TypeError("a bug")) is None

@@ -166,12 +166,6 @@ def test_ten_runs_started_in_the_same_second_all_get_their_own_folder(tmp_path, 
 # faults during a run
 
 
-def finished_record(result, run_dir):
-    run = read_run(run_dir)
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return run, lines
-
-
 def run_dir_of(tmp_path):
     (path,) = (tmp_path / "runs").iterdir()
     return path
@@ -223,8 +217,8 @@ def test_read_only_summary_mid_run_fails_the_run_and_still_records_how_it_ended(
     assert len(failed) == 1
     assert result.status == ev.FAILED and result.epochs_done == 1
     assert result.message == f"could not write {path / 'summary.json'}: Read-only file system"
-    assert read_run(path).summary["status"] == "failed"
     assert not [p for p in path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert read_run(path).summary["status"] == "failed"
 
 
 def test_no_room_for_a_temporary_copy_still_records_how_the_run_ended(tiny_cfg, tmp_path, monkeypatch):
@@ -260,8 +254,8 @@ def test_real_disk_full_during_a_checkpoint(tiny_cfg, tmpfs):
     (path,) = runs.iterdir()
     assert result.status == ev.FAILED, result
     assert result.message == f"could not write a checkpoint to {path / 'checkpoints'}: No space left on device"
-    assert read_run(path).summary["status"] == "failed"
     assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["last"]  # .best.tmp-* removed
+    assert read_run(path).summary["status"] == "failed"
     assert json.loads((path / "checkpoints" / "last" / "meta.json").read_text())["epoch"] == 1
     assert strict_loads((path / "metrics.jsonl").read_text().splitlines()[-1])["status"] == "failed"
 
@@ -275,8 +269,8 @@ def test_real_disk_full_while_writing_the_first_checkpoint(tiny_cfg, tmpfs):
     (path,) = runs.iterdir()
     assert result.status == ev.FAILED, result
     assert result.message == f"could not write a checkpoint to {path / 'checkpoints'}: No space left on device"
-    assert read_run(path).summary["status"] == "failed"
     assert list((path / "checkpoints").iterdir()) == []  # the partial .last.tmp-* is gone
+    assert read_run(path).summary["status"] == "failed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ values print one line per problem and exit with code 2; no traceback reaches the
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import signal
 import sys
@@ -183,7 +184,6 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_train(cfg: C.RunConfig) -> int:
-
     from core.errors import SetupError
     from core.trainer import RunControl, prepare, train
 
@@ -198,25 +198,40 @@ def cmd_train(cfg: C.RunConfig) -> int:
         except KeyboardInterrupt:
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
-    presses = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        presses.append(1)
-        if len(presses) == 1:
-            control.request_stop()
-            console.print("[yellow]Ctrl-C: stopping after this step and saving a checkpoint "
-                          "(Ctrl-C again to abort at once)[/yellow]")
-        else:
-            control.request_abort()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     progress = ProgressPrinter(console)
+    previous = {sig: signal.signal(sig, _stop_handler(control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = train(cfg, [progress], control, prepared=prepared)
+    except SetupError as exc:  # the run folder could not be created
+        err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        return EXIT_FAILED
     finally:
         progress.close()
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_CODES[result.status]
+
+
+def _stop_handler(control: Any, console: Any) -> Callable[[int, Any], None]:
+    """The SIGINT/SIGTERM handler of a training run. The first Ctrl-C, and every SIGTERM, asks
+    for a graceful stop (finish the step, save a checkpoint: exit 3). A second Ctrl-C aborts at
+    once: it raises KeyboardInterrupt wherever the main thread is (mid-step, or writing the
+    stop's checkpoint, whose partial folder is then removed), which ends the run "aborted"
+    (exit 130) - unless the run is already recording how it ended."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and control.stopping:
+            control.request_abort()
+            if not control.ending:
+                raise KeyboardInterrupt
+            return
+        if not control.stopping:
+            control.request_stop()
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            console.print(f"[yellow]{name}: stopping after this step and saving a checkpoint "
+                          "(Ctrl-C again to abort at once)[/yellow]")
+
+    return handler
 
 
 class ProgressPrinter:
@@ -277,83 +292,117 @@ def fmt_acc(value: Any) -> str:
 
 
 def fmt_duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return "-"
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def run_row(run: Any) -> Dict[str, str]:
+    """The cells of one run in a listing (CLI table, runs screen). An unreadable run shows its
+    status "unreadable"; settings it has no valid config for show as "?"."""
+    s, cfg = run.summary, run.config
+    if cfg is None:
+        strategy = dataset = backbone = lr = "?"
+        epochs = "?"
+    else:
+        strategy, dataset, backbone = cfg.strategy, cfg.dataset, cfg.backbone
+        lr = f"{cfg.lr:g}" + (f" / {cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
+        epochs = str(cfg.epochs)
+    return {"run": run.run_id, "strategy": strategy, "dataset": dataset, "backbone": backbone, "lr": lr,
+            "epochs": f"{s['epochs_done'] or 0}/{epochs}", "best test acc": fmt_acc(s["best_test_acc"]),
+            "status": str(s["status"]), "duration": fmt_duration(s["seconds"])}
+
+
 def cmd_runs(runs_dir: str) -> int:
     from rich.table import Table
+    from rich.text import Text
 
-    from core.store import list_runs
+    from core.store import RunsDirError, list_runs
 
-    console = _console()
-    runs = list_runs(runs_dir)
+    console, err = _console(), _console(stderr=True)
+    try:
+        runs = list_runs(runs_dir)
+    except RunsDirError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_FAILED
     if not runs:
-        console.print(f"no runs in {runs_dir} yet: start one with transferlab train")
+        console.print(f"no runs in {runs_dir} yet: start one with transferlab train", markup=False)
         return EXIT_OK
-    table = Table("run", "strategy", "dataset", "backbone", "lr", "epochs", "best test acc", "status",
-                  "duration", title=f"runs in {runs_dir}")
+    columns = ("run", "strategy", "dataset", "backbone", "lr", "epochs", "best test acc", "status", "duration")
+    table = Table(*columns, title=Text(f"runs in {runs_dir}"))
     for run in runs:
-        s, cfg = run.summary, run.config
-        lr = f"{cfg.lr:g}" + (f" / {cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
-        table.add_row(run.run_id, cfg.strategy, cfg.dataset, cfg.backbone, lr,
-                      f"{s.get('epochs_done', 0)}/{cfg.epochs}", fmt_acc(s.get("best_test_acc")),
-                      str(s.get("status")), fmt_duration(s.get("seconds")))
+        row = run_row(run)
+        table.add_row(*(Text(row[c]) for c in columns))  # Text: names from files are not markup
     console.print(table)
+    for run in runs:
+        if run.unreadable:
+            console.print(f"unreadable: {run.run_id}: {run.reason}", markup=False)
     return EXIT_OK
 
 
 def comparison_rows(runs: List[Any]) -> List[Dict[str, Any]]:
     """The tutorial's comparison: per run, strategy and final test accuracy, and the difference to
-    the (newest) scratch run among them, if any."""
-    scratch = [r for r in runs if r.config.strategy == "scratch" and r.summary.get("final_test_acc") is not None]
+    the (newest) scratch run among them, if any. Unreadable runs get a row saying so."""
+    scratch = [r for r in runs if not r.unreadable and r.config.strategy == "scratch"
+               and r.summary["final_test_acc"] is not None]
     base = scratch[-1].summary["final_test_acc"] if scratch else None
     rows = []
     for run in runs:
-        acc = run.summary.get("final_test_acc")
-        rows.append({"run": run.run_id, "strategy": run.config.strategy, "epochs": run.summary.get("epochs_done", 0),
-                     "final_test_acc": acc, "best_test_acc": run.summary.get("best_test_acc"),
-                     "vs_scratch": None if base is None or acc is None else acc - base,
-                     "status": run.summary.get("status")})
+        acc = run.summary["final_test_acc"]
+        rows.append({"run": run.run_id, "strategy": "?" if run.config is None else run.config.strategy,
+                     "epochs": run.summary["epochs_done"] or 0,
+                     "final_test_acc": acc, "best_test_acc": run.summary["best_test_acc"],
+                     "vs_scratch": None if base is None or acc is None or run.unreadable else acc - base,
+                     "status": run.summary["status"], "reason": run.reason})
     return rows
 
 
 def newest_per_strategy(runs: List[Any]) -> List[Any]:
-    """The newest run of each strategy that has a test accuracy (runs given oldest first)."""
+    """The newest readable run of each strategy that has a test accuracy (runs given oldest
+    first)."""
     newest: Dict[str, Any] = {}
     for run in runs:
-        if run.summary.get("final_test_acc") is not None:
+        if not run.unreadable and run.summary["final_test_acc"] is not None:
             newest[run.config.strategy] = run
     return list(newest.values())
 
 
 def cmd_compare(runs_dir: str, refs: List[str]) -> int:
     from rich.table import Table
+    from rich.text import Text
 
-    from core.store import find_run, list_runs, read_run
+    from core.store import RunsDirError, find_run, list_runs, read_run
 
     console, err = _console(), _console(stderr=True)
     if refs:
         try:
             runs = [read_run(find_run(runs_dir, ref)) for ref in refs]
         except LookupError as exc:
-            err.print(f"error: {exc}")
+            err.print(f"error: {exc}", markup=False)
             return EXIT_USAGE
     else:
-        runs = newest_per_strategy(list_runs(runs_dir))
+        try:
+            runs = newest_per_strategy(list_runs(runs_dir))
+        except RunsDirError as exc:
+            err.print(f"error: {exc}", markup=False)
+            return EXIT_FAILED
     if not runs:
-        console.print(f"no runs in {runs_dir} to compare")
+        console.print(f"no runs in {runs_dir} to compare", markup=False)
         return EXIT_OK
     table = Table("strategy", "run", "epochs", "final test acc", "best test acc", "vs scratch", "status",
                   title="transfer learning comparison")
-    for row in comparison_rows(runs):
+    rows = comparison_rows(runs)
+    for row in rows:
         diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-        table.add_row(row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
-                      fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
+        table.add_row(*(Text(cell) for cell in (
+            row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
+            fmt_acc(row["best_test_acc"]), diff, str(row["status"]))))
     console.print(table)
+    for row in rows:
+        if row["reason"]:
+            console.print(f"unreadable: {row['run']}: {row['reason']}", markup=False)
     return EXIT_OK
 
 

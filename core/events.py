@@ -5,7 +5,9 @@ TUI's bridge are all listeners.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import reprlib
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
 COMPLETED, STOPPED, ABORTED, FAILED = "completed", "stopped", "aborted", "failed"
@@ -80,13 +82,103 @@ def to_record(event: Event) -> Dict[str, Any]:
     return {"event": type(event).__name__, **asdict(event)}
 
 
-def from_record(record: Dict[str, Any]) -> Event:
-    """The inverse of to_record; raises KeyError/TypeError on a record that is not an event."""
-    data = dict(record)
-    cls = EVENT_TYPES[data.pop("event")]
+def from_record(record: Any) -> Event:
+    """The inverse of to_record, for records read back from a file (untrusted).
+
+    Every field is type-checked (ints are ints, floats finite numbers, strings strings...), so an
+    event that comes out of here can be plotted and formatted without surprises. Raises
+    ValueError on a record that is not a well-formed event."""
+    if not isinstance(record, dict):
+        raise ValueError(f"an event must be a JSON object, got {short(record)}")
+    type_name = record.get("event")
+    cls = EVENT_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event {short(type_name)}")
+    values = {}
+    for name, kind, required in _SCHEMAS[cls]:
+        if name not in record:
+            if required:
+                raise ValueError(f"{cls.__name__} without {name}")
+            continue
+        values[name] = checked(record[name], kind, name)
     if cls is RunStarted:
-        data["notes"] = tuple(data.get("notes", ()))
-    return cls(**data)
+        _check_config(values["config"])
+    if cls is RunFinished and values["status"] not in STATUSES:
+        raise ValueError(f"unknown status {short(values['status'])}")
+    return cls(**values)
+
+
+def _check_config(config: Dict[str, Any]) -> None:
+    """A RunStarted's config must be valid settings: replay builds a RunConfig from it."""
+    from core.config import from_mapping, validate
+
+    try:
+        problems = validate(from_mapping(config))
+    except Exception as exc:  # ConfigError, or a value no check foresaw (an int too large for a float)
+        problems = getattr(exc, "problems", None) or [f"{type(exc).__name__}: {exc}"]
+    if problems:
+        raise ValueError(f"config: {problems[0]}")
+
+
+MAX_INT = 2 ** 53
+"""Integers read from files must lie within +-MAX_INT: every one is then exact as a float (plots
+convert them), and nothing in a run comes near it."""
+
+STATUSES = (COMPLETED, STOPPED, ABORTED, FAILED)
+
+
+def short(value: Any) -> str:
+    """A short repr of an untrusted value (never huge, never deep)."""
+    try:
+        return reprlib.repr(value)
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
+def checked(value: Any, kind: str, name: str) -> Any:
+    """`value` as the type `kind` names ("int", "float", "Optional[float]", "str", ...), or
+    ValueError saying what `name` must be. Floats must be finite; ints and floats within
+    +-MAX_INT; bools are not numbers."""
+    if kind.startswith("Optional["):
+        return None if value is None else checked(value, kind[len("Optional["):-1], name)
+    ok = True
+    if kind == "int":
+        ok = type(value) is int and -MAX_INT <= value <= MAX_INT
+    elif kind == "float":
+        ok = type(value) in (int, float) and -MAX_INT <= value <= MAX_INT  # False for nan, no overflow
+        value = float(value) if ok else value
+    elif kind == "str":
+        ok = type(value) is str
+    elif kind == "Dict[str, float]":
+        ok = type(value) is dict and all(type(k) is str for k in value)
+        value = {k: checked(v, "float", f"{name}[{short(k)}]") for k, v in value.items()} if ok else value
+    elif kind == "Dict[str, Any]":
+        ok = type(value) is dict and all(type(k) is str for k in value)
+    elif kind == "Tuple[str, ...]":
+        ok = type(value) in (list, tuple) and all(type(v) is str for v in value)
+        value = tuple(value) if ok else value
+    else:
+        raise TypeError(f"no check for type {kind}")
+    if not ok:
+        what = {"int": "a whole number", "float": "a finite number", "str": "a string"}.get(kind, kind)
+        raise ValueError(f"{name} must be {what}, got {short(value)}")
+    return value
+
+
+def _schema(cls: type) -> Tuple[Tuple[str, str, bool], ...]:
+    """(name, type, required) of each field; raises TypeError at import for a type `checked`
+    does not know (a new field needs its check)."""
+    out = []
+    for f in fields(cls):
+        try:
+            checked(object(), f.type, f.name)
+        except ValueError:
+            pass
+        out.append((f.name, f.type, f.default is MISSING and f.default_factory is MISSING))
+    return tuple(out)
+
+
+_SCHEMAS = {cls: _schema(cls) for cls in EVENT_TYPES.values()}
 
 
 STATUS_COLOURS = {COMPLETED: "green", STOPPED: "yellow", ABORTED: "red", FAILED: "red"}

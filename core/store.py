@@ -2,16 +2,25 @@
 
 runs/<run id>/
   config.json     the resolved RunConfig
-  metrics.jsonl   one event per line (core.events.to_record), appended and flushed as it happens
+  metrics.jsonl   one event per line (core.events.to_record), appended as it happens
   summary.json    status, best and final test accuracy, duration, parameter counts
-  checkpoints/last, checkpoints/best   model/ and optimizer/ (flow.save folders) and meta.json
+  checkpoints/last, checkpoints/best   model/ and optimizer/ and meta.json
   error.txt       the traceback, when the run failed on an unexpected exception
+
+Faults: every byte the store writes goes through `write_bytes` (one place to inject a full disk in
+tests). A write that fails ends the run "failed" with a message naming the file and the reason;
+what a killed run leaves half-done is repaired or removed the next time the run is read
+(`tidy_run`). Files read back are untrusted: `read_run` type-checks them and marks a run it
+cannot make sense of "unreadable" with the reason, instead of raising.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +28,67 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from core import events as ev
-from core.config import RunConfig, from_mapping
+from core.config import RunConfig, from_mapping, validate
+from core.errors import SetupError
+
+MIN_FREE_BYTES = 50 * 2 ** 20
+"""A run does not start in a runs folder with less free space than this (a ResNet-18 checkpoint
+alone takes ~90 MB; this floor only catches a folder that is already full)."""
+
+SUMMARY_EVERY = 30.0
+"""While steps go on, summary.json (its duration) is rewritten at least this often (seconds)."""
+
+
+class RunsDirError(SetupError):
+    """The runs folder cannot receive a run (missing and not creatable, a file, read-only, full)."""
+
+
+class StoreWriteError(RuntimeError):
+    """Writing a run's files failed (disk full, read-only...); the message names file and reason."""
+
+
+def error_reason(exc: BaseException) -> str:
+    """The readable part of an OSError ("No space left on device"); see io_error_reason."""
+    return io_error_reason(exc) or str(exc) or type(exc).__name__
+
+
+def io_error_reason(exc: BaseException) -> Optional[str]:
+    """Why a write failed, when `exc` is an I/O error: an OSError's strerror; for shutil.copytree's
+    shutil.Error (which gathers its errors), the first one's; for a library in Rust
+    (safetensors: "I/O error: No space left on device (os error 28)"), the OS error it names.
+    None when `exc` is not an I/O error."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        first = str(exc.args[0][0][-1])  # "[Errno 28] No space left on device: 'path'"
+        match = re.match(r"\[Errno \d+\] ([^:]+)", first)
+        return match.group(1) if match else first
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
+
+
+def write_bytes(fd: int, data: bytes) -> None:
+    """Write all of `data` to the open file `fd`. Every byte the run store puts on disk goes
+    through here, so that a test can make the disk "full" (raise OSError ENOSPC) at any write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """JSON with every non-finite float written as null: bare NaN/Infinity are not JSON, and
+    other readers (browsers, jq, pandas) reject them."""
+    return json.dumps(_finite(data), allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -28,10 +97,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_bytes(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,12 +109,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, strict_json(data, indent=2) + "\n")
+
+
+def overwrite_text(path: Path, text: str) -> None:
+    """Rewrite an existing file in place, over its own bytes (padded with spaces, which JSON
+    ignores, up to its old length): the last resort when a full disk leaves no room for a
+    temporary copy. Not atomic, but it needs no new space, and a write refused outright leaves
+    the old content as it was (no truncation first)."""
+    data = text.encode("utf-8")
+    data += b" " * max(0, path.stat().st_size - len(data))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        write_bytes(fd, data)
+    finally:
+        os.close(fd)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move folder `tmp` to `final`, replacing an older `final` without a moment where neither
-    a complete old nor a complete new one exists under a known name."""
+    a complete old nor a complete new one exists under a known name (`final`, or `final`.old:
+    see tidy_run)."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -55,65 +140,171 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def new_run_id(cfg: RunConfig, runs_dir: Path) -> str:
-    dataset = cfg.dataset.split(":")[0]
-    stem = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy}-{dataset}"
-    run_id, n = stem, 1
-    while (runs_dir / run_id).exists():
-        n += 1
-        run_id = f"{stem}-{n}"
-    return run_id
+def check_runs_dir(runs_dir: str | Path, min_free: Optional[int] = None) -> Path:
+    """Raise RunsDirError unless a run can be written under `runs_dir`: it is a folder or can be
+    created as one, a file can be written in it, and it has at least `min_free` bytes free
+    (default MIN_FREE_BYTES). Nothing is created: a missing folder is checked through its
+    nearest existing parent. Called before data and model load, so a bad folder costs nothing."""
+    text = str(runs_dir)
+    shown = text if len(text) <= 120 else text[:117] + "..."
+    if "\0" in text:
+        raise RunsDirError(f"runs folder {shown!r} holds a NUL byte: choose another folder name")
+    try:
+        return _check_runs_dir(Path(text).expanduser(), MIN_FREE_BYTES if min_free is None else min_free)
+    except (OSError, RuntimeError) as exc:  # a name too long, ~user without a home...
+        if isinstance(exc, RunsDirError):
+            raise
+        raise RunsDirError(f"runs folder {shown}: {error_reason(exc)}") from None
+
+
+def _check_runs_dir(path: Path, min_free: int) -> Path:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise RunsDirError(f"runs folder {path}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == path else f"cannot be created: {existing} is a file"
+        raise RunsDirError(f"runs folder {path} {what}: choose another --runs-dir")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".transferlab-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        target = path if existing == path else f"{path} (in {existing})"
+        raise RunsDirError(f"cannot write in the runs folder {target}: {error_reason(exc)}") from None
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        raise RunsDirError(f"the runs folder {path} has only {free / 2 ** 20:.1f} MB free (a run needs "
+                           f"at least {min_free / 2 ** 20:.0f} MB for its checkpoints): free some space "
+                           "or choose another --runs-dir")
+    return path
+
+
+def run_stem(cfg: RunConfig) -> str:
+    """<date>-<time>-<strategy>-<dataset>: the id of a run started now."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.strategy}-{cfg.dataset.split(':')[0]}"
+
+
+def reserve_run_dir(cfg: RunConfig, runs_dir: Path) -> Path:
+    """Create and return a new run folder. Its id is the run's stem, or stem-2, stem-3... when
+    taken: `mkdir` (never exist_ok) is what reserves an id, so runs started in the same second
+    by several processes each get their own folder."""
+    stem = run_stem(cfg)
+    for n in range(1, 10_000):
+        path = runs_dir / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{runs_dir / stem}: 10000 runs with this id")
 
 
 class RunWriter:
-    """A listener that records a run's events into its folder."""
+    """A listener that records a run's events into its folder.
+
+    A failed write raises StoreWriteError (the trainer then ends the run "failed"); on the last
+    event (RunFinished) it still tries every way to leave summary.json saying how the run ended."""
 
     def __init__(self, cfg: RunConfig, runs_dir: Optional[str | Path] = None):
-        self.runs_dir = Path(runs_dir or cfg.runs_dir).expanduser()
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = new_run_id(cfg, self.runs_dir)
-        self.path = self.runs_dir / self.run_id
-        self.path.mkdir()
+        self.runs_dir = Path(runs_dir or cfg.runs_dir)
+        try:
+            self.runs_dir = self.runs_dir.expanduser()
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            self.path = reserve_run_dir(cfg, self.runs_dir)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise RunsDirError(f"cannot create a run folder in {self.runs_dir}: {error_reason(exc)}") from None
+        self.run_id = self.path.name
         self.started = time.time()
-        atomic_write_json(self.path / "config.json", cfg.to_dict())
         self.summary: Dict[str, Any] = {
             "run_id": self.run_id, "status": "running", "started": self.started, "pid": os.getpid(),
             "strategy": cfg.strategy, "dataset": cfg.dataset, "backbone": cfg.backbone,
             "epochs": cfg.epochs, "lr": cfg.lr, "lr_backbone": cfg.lr_backbone,
             "best_test_acc": None, "final_test_acc": None, "epochs_done": 0, "seconds": 0.0,
         }
-        atomic_write_json(self.path / "summary.json", self.summary)
-        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics: Optional[int] = None
+        self._torn = False  # a metrics line was cut short by a failed write
+        self._summary_at = time.monotonic()
+        try:
+            atomic_write_json(self.path / "config.json", cfg.to_dict())
+            atomic_write_json(self.path / "summary.json", self.summary)
+            self._metrics = os.open(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            shutil.rmtree(self.path, ignore_errors=True)  # nothing of the run was written yet
+            raise RunsDirError(f"cannot write the run folder {self.path}: {error_reason(exc)}") from None
 
     def checkpoint_dir(self, kind: str) -> Path:
         return self.path / "checkpoints" / kind
 
     def __call__(self, event: ev.Event) -> None:
-        if self._metrics.closed:
+        if self._metrics is None:
             return
-        self._metrics.write(json.dumps(ev.to_record(event)) + "\n")
-        self._metrics.flush()  # a killed run keeps every line written so far
+        if isinstance(event, ev.RunFinished):
+            self._finish(event)
+            return
+        self._append(event)
         if isinstance(event, ev.RunStarted):
             self.summary.update(device=event.device, trainable_params=event.trainable_params,
                                 total_params=event.total_params)
         elif isinstance(event, ev.EpochEnded):
             best = self.summary["best_test_acc"]
             self.summary.update(final_test_acc=event.test_acc, epochs_done=event.epoch,
-                                best_test_acc=event.test_acc if best is None else max(best, event.test_acc),
-                                seconds=time.time() - self.started)
-        elif isinstance(event, ev.RunFinished):
-            self.summary.update(status=event.status, message=event.message, seconds=event.seconds)
-            self._metrics.close()
-        else:
+                                best_test_acc=event.test_acc if best is None else max(best, event.test_acc))
+        elif not (isinstance(event, ev.StepEnded) and time.monotonic() - self._summary_at >= SUMMARY_EVERY):
             return
-        atomic_write_json(self.path / "summary.json", self.summary)
+        self.summary["seconds"] = time.time() - self.started
+        self._write_summary()
+
+    def _append(self, event: ev.Event) -> None:
+        """One line of metrics.jsonl, in one write (a reader never sees half a line unless the
+        disk fills up mid-line; the next line then starts on a fresh line)."""
+        line = ("\n" if self._torn else "") + strict_json(ev.to_record(event)) + "\n"
+        try:
+            write_bytes(self._metrics, line.encode("utf-8"))
+            self._torn = False
+        except OSError as exc:
+            self._torn = True
+            raise StoreWriteError(f"could not write {self.path / 'metrics.jsonl'}: {error_reason(exc)}") from None
+
+    def _write_summary(self) -> None:
+        self._summary_at = time.monotonic()
+        try:
+            atomic_write_json(self.path / "summary.json", self.summary)
+        except OSError as exc:
+            raise StoreWriteError(f"could not write {self.path / 'summary.json'}: {error_reason(exc)}") from None
+
+    def _finish(self, event: ev.RunFinished) -> None:
+        """Record how the run ended: summary.json first (what every listing reads; rewritten in
+        place if the disk has no room for a copy), then the metrics line; close the file."""
+        self.summary.update(status=event.status, message=event.message, seconds=event.seconds)
+        errors = []
+        try:
+            self._write_summary()
+        except StoreWriteError as exc:
+            try:
+                overwrite_text(self.path / "summary.json", strict_json(self.summary, indent=2) + "\n")
+            except OSError:
+                errors.append(str(exc))
+        try:
+            self._append(event)
+        except StoreWriteError as exc:
+            errors.append(str(exc))
+        self.close()
+        if errors:
+            raise StoreWriteError("; ".join(errors))
 
     def write_error(self, text: str) -> None:
-        atomic_write_text(self.path / "error.txt", text)
+        """error.txt with a traceback; best effort (the run's outcome is recorded either way)."""
+        try:
+            atomic_write_text(self.path / "error.txt", text)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        if not self._metrics.closed:
-            self._metrics.close()
+        if self._metrics is not None:
+            os.close(self._metrics)
+            self._metrics = None
 
 
 def mark_failed(run_dir: str | Path, message: str, details: str = "") -> bool:
@@ -141,61 +332,200 @@ def mark_failed(run_dir: str | Path, message: str, details: str = "") -> bool:
 # ---------------------------------------------------------------------------------------------
 # Reading runs back
 
+UNREADABLE = "unreadable"
+"""The status of a run whose files cannot be made sense of; RunRecord.problems says why."""
+
+SUMMARY_FIELDS = {
+    "run_id": "str", "status": "str", "started": "float", "pid": "int", "strategy": "str",
+    "dataset": "str", "backbone": "str", "epochs": "int", "lr": "float", "lr_backbone": "float",
+    "best_test_acc": "float", "final_test_acc": "float", "epochs_done": "int", "seconds": "float",
+    "device": "str", "trainable_params": "int", "total_params": "int", "message": "str",
+}
+"""The keys of summary.json and their types (core.events.checked); each may also be null."""
+
+RUN_STATUSES = ("running", *ev.STATUSES)
+
+MAX_SMALL_FILE = 1 << 20
+"""config.json and summary.json larger than this are not read (they are under 1 KB)."""
+
 
 @dataclass
 class RunRecord:
+    """A run folder as read back. When `problems` is not empty the run is unreadable: its
+    summary's status is "unreadable" and `config` is None if config.json was the problem (a
+    broken config is never shown as default settings)."""
+
     path: Path
-    config: RunConfig
+    config: Optional[RunConfig]
     summary: Dict[str, Any]
+    """Every key of SUMMARY_FIELDS, each of its type or None."""
     problems: List[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
         return self.path.name
 
+    @property
+    def unreadable(self) -> bool:
+        return bool(self.problems)
+
+    @property
+    def reason(self) -> str:
+        """Why the run is unreadable (empty when it is not)."""
+        return "; ".join(self.problems)
+
     def events(self) -> List[ev.Event]:
         return read_events(self.path)
 
 
+def _is_file(path: Path) -> bool:
+    """True for a regular file (not a folder, FIFO or device, which could block a read)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_events(run_dir: str | Path) -> List[ev.Event]:
-    """Every event recorded in a run's metrics.jsonl; a torn last line (killed run) is skipped."""
+    """Every well-formed event recorded in a run's metrics.jsonl. A line that is not a valid
+    event (torn by a kill, bytes that are not UTF-8, wrong types...) is skipped, so every
+    event returned can be plotted and formatted."""
     out: List[ev.Event] = []
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not _is_file(path):
         return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(ev.from_record(json.loads(line)))
-            except (ValueError, KeyError, TypeError):
-                continue
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    out.append(ev.from_record(json.loads(line.decode("utf-8"))))
+                except (ValueError, RecursionError):
+                    continue
+    except OSError:
+        pass
     return out
 
 
+def _load_json(path: Path) -> Any:
+    """The JSON in a small regular file; ValueError saying what is wrong otherwise."""
+    if not path.exists():
+        raise ValueError(f"{path.name} is missing")
+    if not _is_file(path):
+        raise ValueError(f"{path.name} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SMALL_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"{path.name} cannot be read: {error_reason(exc)}") from None
+    if len(data) > MAX_SMALL_FILE:
+        raise ValueError(f"{path.name} is larger than {MAX_SMALL_FILE // 1024} KB")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path.name} is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"{path.name} is not valid JSON: {str(exc)[:80]}") from None
+
+
+def _read_config(path: Path) -> RunConfig:
+    data = _load_json(path / "config.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"config.json must hold settings, got {ev.short(data)}")
+    try:
+        cfg = from_mapping(data)
+        problems = validate(cfg)
+    except Exception as exc:  # ConfigError, or a value no check foresaw
+        problems = getattr(exc, "problems", None) or [str(exc)]
+    if problems:
+        raise ValueError(f"config.json: {problems[0]}")
+    return cfg
+
+
+def _read_summary(path: Path) -> Dict[str, Any]:
+    data = _load_json(path / "summary.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"summary.json must hold an object, got {ev.short(data)}")
+    summary = {}
+    for key, kind in SUMMARY_FIELDS.items():
+        summary[key] = ev.checked(data.get(key), "Optional[" + kind + "]", "summary.json: " + key)
+    if summary["status"] not in RUN_STATUSES:
+        raise ValueError(f"summary.json: unknown status {ev.short(summary['status'])}")
+    return summary
+
+
 def read_run(run_dir: str | Path) -> RunRecord:
-    """A run folder's config and summary. A run killed mid-way reads as status "interrupted"."""
+    """A run folder's config and summary, checked. A run killed mid-way reads as status
+    "interrupted" (and its leftovers are tidied); a run whose files make no sense reads as
+    "unreadable", with the reasons in `problems`. Never raises."""
     path = Path(run_dir)
     problems: List[str] = []
     try:
-        cfg = from_mapping(json.loads((path / "config.json").read_text(encoding="utf-8")))
-    except Exception as exc:
-        cfg, problems = RunConfig(), [f"config.json unreadable: {exc}"]
+        cfg: Optional[RunConfig] = _read_config(path)
+    except ValueError as exc:
+        cfg, problems = None, [str(exc)]
     try:
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except Exception as exc:
-        summary, problems = {"status": "unreadable"}, problems + [f"summary.json unreadable: {exc}"]
-    if summary.get("status") == "running" and not _alive(summary.get("pid")):
+        summary = _read_summary(path)
+    except ValueError as exc:
+        summary, problems = dict.fromkeys(SUMMARY_FIELDS), problems + [str(exc)]
+    if problems:
+        summary["status"] = UNREADABLE  # left untidied: it may be a run whose files are being created
+    elif summary["status"] == "running" and not _alive(summary["pid"]):
         summary["status"] = "interrupted"
+    if summary["status"] not in ("running", UNREADABLE):
+        tidy_run(path)
     return RunRecord(path, cfg, summary, problems)
+
+
+def tidy_run(path: Path) -> None:
+    """Repair or remove what a run killed (or failed) mid-write leaves, in a run no process
+    writes to: checkpoints/last (or best) lost between the two renames of replace_dir comes back
+    from last.old; a leftover .old beside a present checkpoint, half-written .last.tmp-* /
+    .best.tmp-* folders and .summary.json.* style temporary files are removed. Best effort:
+    what cannot be changed (a read-only runs folder) is left as it is."""
+    ckpt = path / "checkpoints"
+    for kind in ("last", "best"):
+        final, old = ckpt / kind, ckpt / f"{kind}.old"
+        try:
+            if old.is_dir() and not old.is_symlink():
+                if final.exists():
+                    shutil.rmtree(old)
+                else:
+                    os.replace(old, final)
+        except OSError:
+            pass
+    for folder in (path, ckpt, ckpt / "last", ckpt / "best"):
+        try:
+            leftovers = [e for e in folder.iterdir() if _is_leftover(e.name)] \
+                if folder.is_dir() and not folder.is_symlink() else []
+        except OSError:
+            continue
+        for entry in leftovers:
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError:
+                pass
+
+
+def _is_leftover(name: str) -> bool:
+    """A temporary name of the store: .last.tmp-N / .best.tmp-N (checkpoint folders being
+    written) or .<file>.<random> (atomic_write_text's temporary files)."""
+    if name.startswith((".last.tmp-", ".best.tmp-")):
+        return True
+    return any(name.startswith(f".{base}.") for base in ("summary.json", "config.json", "meta.json", "error.txt"))
 
 
 def _alive(pid: Any) -> bool:
     """True when process `pid` (the one that wrote a "running" summary) still exists."""
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -203,21 +533,39 @@ def _alive(pid: Any) -> bool:
 
 
 def list_runs(runs_dir: str | Path) -> List[RunRecord]:
-    """Every run folder under `runs_dir`, oldest first."""
-    root = Path(runs_dir).expanduser()
-    if not root.is_dir():
-        return []
-    return [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").exists()]
+    """Every run folder under `runs_dir` (one holding a config.json or summary.json), oldest
+    first; a malformed one is in the list as unreadable. A missing folder has no runs; one that
+    cannot be listed raises RunsDirError."""
+    try:
+        root = Path(runs_dir).expanduser()
+        if not root.is_dir():
+            return []
+        entries = sorted(root.iterdir())
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: ~user without a home
+        raise RunsDirError(f"cannot list the runs folder {runs_dir}: {error_reason(exc)}") from None
+    return [read_run(p) for p in entries if _is_run_dir(p)]
+
+
+def _is_run_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and ((path / "config.json").exists() or (path / "summary.json").exists())
+    except (OSError, ValueError):  # a name too long, a NUL in it
+        return False
 
 
 def find_run(runs_dir: str | Path, ref: str) -> Path:
     """A run folder from its id, a unique id prefix/suffix, or a path."""
-    as_path = Path(ref).expanduser()
-    if (as_path / "config.json").exists():
+    try:
+        as_path, root = Path(ref).expanduser(), Path(runs_dir).expanduser()
+    except RuntimeError as exc:  # ~user without a home
+        raise LookupError(str(exc)) from None
+    if _is_run_dir(as_path):
         return as_path
-    root = Path(runs_dir).expanduser()
-    matches = [p for p in root.iterdir() if p.is_dir() and (p.name == ref or ref in p.name)] \
-        if root.is_dir() else []
+    try:
+        matches = [p for p in root.iterdir() if p.is_dir() and (p.name == ref or ref in p.name)] \
+            if root.is_dir() else []
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise LookupError(f"cannot list the runs folder {root}: {error_reason(exc)}") from None
     exact = [p for p in matches if p.name == ref]
     if exact:
         return exact[0]

@@ -16,8 +16,9 @@ from core import events as ev
 from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
-from core.models import build_model
-from core.store import RunWriter, atomic_write_json, replace_dir
+from core.models import WeightsError, build_model
+from core.store import (RunWriter, StoreWriteError, atomic_write_json, check_runs_dir, io_error_reason,
+                        replace_dir, tidy_run)
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
 from oneflow import nn
 
@@ -38,6 +39,11 @@ class RunControl:
     def __init__(self) -> None:
         self._stop = threading.Event()
         self._abort = threading.Event()
+        self._ending = threading.Event()
+
+    def mark_ending(self) -> None:
+        """Called by the trainer once the run's outcome is decided."""
+        self._ending.set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -53,9 +59,15 @@ class RunControl:
     def aborting(self) -> bool:
         return self._abort.is_set()
 
+    @property
+    def ending(self) -> bool:
+        """The run's outcome is decided and being recorded: too late to interrupt it (a
+        KeyboardInterrupt now would only keep summary.json from saying how it ended)."""
+        return self._ending.is_set()
+
 
 class LossNotFinite(RuntimeError):
-    pass
+    """The loss, the evaluation loss or the weights stopped being finite numbers."""
 
 
 class _Interrupted(Exception):
@@ -86,6 +98,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     person can act on.
     """
     check(cfg)
+    check_runs_dir(cfg.runs_dir)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed)
@@ -97,11 +110,23 @@ def prepare(cfg: RunConfig) -> Prepared:
         notes.append(f"scratch trains from random weights: pretrained={pretrained} is not loaded")
         pretrained = "none"
     model, head = build_model(cfg.backbone, len(train_data.classes), pretrained)
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise WeightsError(f"the weights from {pretrained} hold NaN or infinite values (first in {bad}): "
+                           "training cannot start from them; use other weights")
     prepare_strategy(model, cfg.strategy, head)
     model = model.to(device)
     groups = build_param_groups(model, cfg.strategy, head, cfg.lr, cfg.lr_backbone)
     trainable, total = count_params(model)
     return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes))
+
+
+def first_non_finite(model: nn.Module) -> Optional[str]:
+    """The name of the first parameter or buffer holding NaN or inf, or None. One transfer from
+    the device, ~50 ms for a ResNet-18 on a CPU."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    finite = flow.stack([flow.isfinite(t).all() for _, t in tensors]).numpy()
+    return next((name for (name, _), ok in zip(tensors, finite) if not ok), None)
 
 
 def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Optional[RunControl] = None,
@@ -156,25 +181,29 @@ class Trainer:
             for epoch in range(1, cfg.epochs + 1):
                 epoch_start = time.time()
                 train_loss, train_acc = self._train_epoch(epoch)
+                self._check_weights(f"after epoch {epoch}")
                 test_loss, test_acc = self._evaluate(epoch)
+                if not math.isfinite(test_loss):
+                    raise self._diverged(f"the test loss became {test_loss} after epoch {epoch}")
                 epochs_done = epoch
                 self.last_acc = test_acc
                 self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
                                         time.time() - epoch_start))
                 improved = self.best_acc is None or test_acc > self.best_acc
                 self.best_acc = test_acc if improved else self.best_acc
-                self._checkpoint(epoch, self.steps_per_epoch, best=improved)
+                self._save_checkpoint(epoch, self.steps_per_epoch, best=improved)
         except _Interrupted as stop:
             status = stop.status
             message = ("stopped on request; checkpoint saved" if status == ev.STOPPED
                        else "aborted on request")
         except KeyboardInterrupt:
             status, message = ev.ABORTED, "interrupted (Ctrl-C)"
-        except LossNotFinite as exc:
+        except (LossNotFinite, StoreWriteError) as exc:
             status, message = ev.FAILED, str(exc)
         except Exception as exc:
             status, message = ev.FAILED, f"{type(exc).__name__}: {exc}"
             self.writer.write_error(traceback.format_exc())
+        self.control.mark_ending()
         finished = ev.RunFinished(status, message, self.best_acc, self.last_acc,
                                   time.time() - started, epochs_done)
         for listener in self.listeners:
@@ -192,7 +221,8 @@ class Trainer:
             raise _Interrupted(ev.ABORTED)
         if self.control.stopping:
             self._flush(epoch)
-            self._checkpoint(epoch, step, best=False)
+            self._check_weights(f"at epoch {epoch} step {step}")
+            self._save_checkpoint(epoch, step, best=False)
             raise _Interrupted(ev.STOPPED)
 
     def _train_epoch(self, epoch: int) -> Tuple[float, float]:
@@ -233,9 +263,7 @@ class Trainer:
         for (step, global_step, _), value in zip(self._pending, values):
             if not math.isfinite(value):
                 self._pending.clear()
-                raise LossNotFinite(
-                    f"loss became {value} at epoch {epoch} step {step}: training diverged. Lower "
-                    f"the learning rate (lr={self.p.cfg.lr:g}, lr_backbone={self.p.cfg.lr_backbone:g}).")
+                raise self._diverged(f"the loss became {value} at epoch {epoch} step {step}")
             self._epoch_losses.append(value)
             self.emit(ev.StepEnded(epoch, step, global_step, value, dict(self.lrs), rate))
         self._pending.clear()
@@ -257,7 +285,44 @@ class Trainer:
         return (float(flow.stack(loss_sum).sum().item()) / n,
                 float(flow.stack(correct).sum().item()) / n)
 
+    def _check_weights(self, when: str) -> None:
+        """Fail the run if a weight or BatchNorm statistic is NaN/inf: a step's loss is computed
+        before its update, so a finite last loss does not prove finite weights (and NaN weights
+        must never be saved)."""
+        bad = first_non_finite(self.p.model)
+        if bad is not None:
+            raise self._diverged(f"{bad} holds NaN or infinite values {when}")
+
+    def _diverged(self, what: str) -> LossNotFinite:
+        """The failure for non-finite numbers, naming the likely cause: a weight decay so strong
+        that the decay alone is unstable for this learning rate (lr x wd > 2(1 + momentum) for
+        SGD), else the learning rate. (Weights that were not finite when loaded are refused
+        before the run starts, by prepare.)"""
+        cfg = self.p.cfg
+        decay = max(float(g["lr"]) for g in self.optimizer.param_groups) * cfg.weight_decay
+        if decay > 2 * (1 + cfg.momentum) and cfg.weight_decay >= 0.1:
+            cause = (f"the weight decay is too strong (weight_decay={cfg.weight_decay:g}; usual values "
+                     f"are 1e-4 to 5e-4): lower --weight-decay")
+        else:
+            lrs = f"lr={cfg.lr:g}" + (f", lr_backbone={cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
+            cause = f"the learning rate is too high ({lrs}): lower --lr"
+        return LossNotFinite(f"{what}: training diverged. Likely cause: {cause}.")
+
     # -- checkpoints ---------------------------------------------------------------------------
+
+    def _save_checkpoint(self, epoch: int, step: int, best: bool) -> None:
+        """_checkpoint, all or nothing: on any failure (disk full, Ctrl-C...) the partial
+        .last.tmp-* / .best.tmp-* folders are removed and the previous checkpoints stay as they
+        were (tidy_run); an I/O error becomes a StoreWriteError naming the folder and the reason."""
+        try:
+            self._checkpoint(epoch, step, best)
+        except BaseException as exc:
+            tidy_run(self.writer.path)
+            reason = io_error_reason(exc)
+            if reason is not None:
+                folder = self.writer.checkpoint_dir("last").parent
+                raise StoreWriteError(f"could not write a checkpoint to {folder}: {reason}") from None
+            raise
 
     def _checkpoint(self, epoch: int, step: int, best: bool) -> None:
         """Save model + optimizer as checkpoints/last (atomically), and copy it to best."""

@@ -77,3 +77,118 @@ def test_bad_values_get_one_line_and_exit_2(argv, message, capsys):
     assert cli.main(argv) == cli.EXIT_USAGE
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
+
+
+def test_bad_runs_dir_is_one_line_before_data_and_model_load(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    nowhere = ["--dataset", "imagefolder:nowhere", "--device", "cpu"]  # data that would fail to load
+    for runs_dir, message in (("afile", "runs folder afile is a file, not a folder"),
+                              ("afile/runs", "runs folder afile/runs cannot be created: afile is a file")):
+        proc = run_cli("train", *nowhere, "--runs-dir", runs_dir, cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {message}: choose another --runs-dir"], proc.stderr
+    (tmp_path / "nul.json").write_text(json.dumps({"runs_dir": "ru\u0000ns"}))
+    proc = run_cli("train", *nowhere, "--config", "nul.json", cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # refused by the runs folder check (exit 1), or earlier by the settings' validation (exit 2)
+    assert proc.returncode in (1, 2) and len(errors) == 1 and "NUL" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# signals, for real
+
+
+class Training:
+    """`transferlab train` in a subprocess, long enough to be signalled mid-run."""
+
+    def __init__(self, cwd):
+        import os
+        import threading
+
+        env = cli_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        self.cwd = cwd
+        self.proc = subprocess.Popen(
+            [*transferlab_cmd(), "train", "--dataset", "digits", "--pretrained", "none", "--image-size", "16",
+             "--batch-size", "8", "--limit-train", "1024", "--limit-test", "32", "--epochs", "2",
+             "--device", "cpu"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        self.os = os
+
+    def wait_for(self, condition, what, timeout=300):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"ended before {what}: " + "".join(self.lines)
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.02)
+
+    def run_dir(self):
+        runs = self.cwd / "runs"
+        return next(runs.iterdir()) if runs.is_dir() and any(runs.iterdir()) else None
+
+    def wait_for_a_step(self):
+        def stepped():
+            metrics = (self.run_dir() or self.cwd) / "metrics.jsonl"
+            return metrics.exists() and '"StepEnded"' in metrics.read_text()
+
+        self.wait_for(stepped, "StepEnded in metrics.jsonl")
+
+    def signal(self, sig):
+        self.os.kill(self.proc.pid, sig)
+
+    def finish(self):
+        code = self.proc.wait(timeout=300)
+        return code, json.loads((self.run_dir() / "summary.json").read_text()), "".join(self.lines)
+
+
+def test_ctrl_c_stops_gracefully_with_exit_3(tmp_path):
+    import signal
+
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    t.signal(signal.SIGINT)
+    code, summary, out = t.finish()
+    assert code == 3, out
+    assert summary["status"] == "stopped" and "checkpoint saved" in summary["message"]
+    assert "Ctrl-C: stopping after this step" in out and "Traceback" not in out
+    ck = t.run_dir() / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last"] and (ck / "last" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("when", ["mid-step", "writing the checkpoint"])
+def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, when):
+    import signal
+
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    t.signal(signal.SIGINT)
+    t.wait_for(lambda: any("Ctrl-C: stopping" in line for line in t.lines), "the stop message")
+    if when == "writing the checkpoint":
+        ck = t.run_dir() / "checkpoints"
+        t.wait_for(lambda: ck.is_dir() and any(p.name.startswith(".last.tmp-") for p in ck.iterdir()),
+                   "the stop's checkpoint being written")
+    t.signal(signal.SIGINT)
+    code, summary, out = t.finish()
+    assert code == 130, out
+    assert summary["status"] == "aborted" and "Traceback" not in out
+    ck = t.run_dir() / "checkpoints"
+    assert not ck.exists() or not [p for p in ck.iterdir() if ".tmp-" in p.name]  # no partial checkpoint
+    if when == "writing the checkpoint":
+        assert not (ck / "last").exists()  # the abort came before the checkpoint was complete
+
+
+def test_sigterm_stops_gracefully_with_exit_3(tmp_path):
+    import signal
+
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    t.signal(signal.SIGTERM)
+    code, summary, out = t.finish()
+    assert code == 3, out
+    assert summary["status"] == "stopped" and "SIGTERM: stopping after this step" in out
+    assert (t.run_dir() / "checkpoints" / "last" / "meta.json").exists()

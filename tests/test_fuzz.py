@@ -117,7 +117,7 @@ tokens = st.one_of(st.sampled_from(value_flags + bool_flags + ["--no-hflip", "--
 
 
 @FUZZ
-@given(st.sampled_from(["train", "tui", "bogus", "--epochs"]), st.lists(tokens, max_size=8))
+@given(st.sampled_from(["train", "tui", "runs", "compare", "bogus", "--epochs"]), st.lists(tokens, max_size=8))
 def test_command_lines(tmp_path, monkeypatch, capsys, command, args):
     """Through core.cli.main; training and the app are replaced by recorders (the flags are the point)."""
     counted("command lines")

@@ -104,7 +104,8 @@ def test_nan_loss_fails_the_run_with_a_message(tiny_cfg):
     result = train(tiny_cfg.replace(lr=1e12, limit_train=96, batch_size=16))
     assert result.status == ev.FAILED
     assert "loss became nan" in result.message.lower() or "loss became inf" in result.message.lower()
-    assert "Lower the learning rate" in result.message
+    assert "Likely cause: the learning rate is too high (lr=1e+12)" in result.message
+    assert "weight decay" not in result.message
 
 
 def test_an_exception_mid_run_fails_it_and_keeps_the_folder(tiny_cfg):
@@ -146,3 +147,61 @@ def test_checkpoint_loads_as_pretrained_source(tiny_cfg):
 
     saved = flow.load(last + "/model")
     assert np.array_equal(p.model.layer2[0].conv1.weight.numpy(), saved["layer2.0.conv1.weight"].numpy())
+
+
+def test_weight_decay_divergence_names_the_weight_decay(tiny_cfg):
+    result = train(tiny_cfg.replace(weight_decay=1e6, limit_train=96, batch_size=16, epochs=2))
+    assert result.status == ev.FAILED and "training diverged" in result.message
+    assert "Likely cause: the weight decay is too strong (weight_decay=1e+06" in result.message
+    assert "learning rate is too high" not in result.message
+
+
+def test_nan_weights_after_the_last_step_fail_the_run_and_are_never_saved(tiny_cfg):
+    """The last step's loss is finite (computed before its update), but the update left NaN
+    weights: the run must not end "completed" with NaN weights saved as best."""
+    from core.backend import flow
+    from core.trainer import prepare
+
+    cfg = tiny_cfg.replace(limit_train=32, epochs=2)
+    prepared = prepare(cfg)
+
+    def poison(event):
+        if isinstance(event, ev.StepEnded) and event.step == 2:  # the epoch's last step
+            with flow.no_grad():
+                prepared.model.fc.weight.fill_(float("nan"))
+
+    rec = Recorder()
+    result = train(cfg, [rec, poison], prepared=prepared)
+    assert result.status == ev.FAILED
+    assert result.message.startswith("fc.weight holds NaN or infinite values after epoch 1: training diverged")
+    assert not rec.of(ev.EpochEnded) and not rec.of(ev.CheckpointSaved)
+    run = read_run(rec.of(ev.RunStarted)[0].run_dir)
+    assert run.summary["status"] == "failed" and not (run.path / "checkpoints").exists()
+
+
+def test_a_non_finite_test_loss_fails_the_run(tiny_cfg, monkeypatch):
+    from core.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, epoch: (float("inf"), 0.5))
+    rec = Recorder()
+    result = train(tiny_cfg.replace(limit_train=32), [rec])
+    assert result.status == ev.FAILED
+    assert result.message.startswith("the test loss became inf after epoch 1: training diverged")
+    assert not rec.of(ev.EpochEnded) and not rec.of(ev.CheckpointSaved)
+
+
+def test_pretrained_weights_holding_nan_are_refused_before_the_run(tiny_cfg, tmp_path):
+    import pytest
+
+    from core.backend import flow
+    from core.errors import SetupError
+    from core.models import build_model
+    from core.trainer import prepare
+
+    model = build_model("resnet18", 10, "none")[0]
+    with flow.no_grad():
+        model.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    flow.save(model.state_dict(), str(tmp_path / "w"))
+    with pytest.raises(SetupError, match=r"hold NaN or infinite values \(first in layer1.0.conv1.weight\)"):
+        prepare(tiny_cfg.replace(pretrained=str(tmp_path / "w")))
+    assert not (tmp_path / "runs").exists()

@@ -423,3 +423,70 @@ def test_the_app_ending_on_an_error_exits_non_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(TransferLabApp, "run", lambda self: App.run(self, headless=True, size=SIZE))
     monkeypatch.setattr("core.suggest.machine_defaults", lambda cfg, keep=(): (cfg, []))
     assert app_module.run_app(tiny(tmp_path), set()) == 1
+
+
+async def test_unreadable_runs_show_as_such_and_their_keys_give_a_toast(tmp_path):
+    import shutil
+
+    from conftest import ROOT
+
+    runs = tmp_path / "runs"
+    recorded = sorted((ROOT / "tests" / "data" / "runs").iterdir())
+    for src in recorded:
+        shutil.copytree(src, runs / src.name)
+    bad = runs / "20261129-235959-finetune-digits"  # the newest: first in the table
+    shutil.copytree(recorded[1], bad)
+    (bad / "config.json").write_text('{"epochs": "many"}')
+    (bad / "metrics.jsonl").write_text('{"event": "StepEnded", "loss": "abc"}\n')
+    markup = runs / "20261129-000000-[red]x"  # a folder name that is not markup either
+    shutil.copytree(recorded[0], markup)
+    (markup / "summary.json").write_text("[]")
+    app = TransferLabApp(tiny(tmp_path))
+    toasts = []
+    notify = app.notify
+    app.notify = lambda message, **kw: (toasts.append(message), notify(message, **kw))[1]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        table = screen.query_one("#runs-table")
+        assert table.row_count == 4
+        rows = {table.get_row_at(i)[1]: table.get_row_at(i) for i in range(4)}
+        assert rows[bad.name][7] == "unreadable" and rows[bad.name][2] == "?"
+        assert rows[recorded[1].name][7] == "completed"
+        assert rows["20261129-000000-\\[red]x"][7] == "unreadable"  # shown as it is named
+        assert table.get_row_at(0)[1] == bad.name and table.cursor_row == 0
+        for key in ("space", "enter", "e"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen is screen
+        assert screen.selected == set()
+        why = f"{bad.name} is unreadable: config.json: epochs must be a whole number, got 'many'"
+        assert toasts.count(why) == 3
+        await pilot.press("c")  # compares the readable runs
+        await pilot.pause()
+        assert isinstance(app.screen, CompareScreen) and app.screen.query_one("#compare-table").row_count == 2
+
+
+async def test_a_run_folder_that_cannot_be_written_is_a_could_not_start(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from core import store
+
+    real = store.write_bytes
+
+    def read_only_config(fd, data):
+        if "/.config.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real(fd, data)
+
+    monkeypatch.setattr(store, "write_bytes", read_only_config)
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(pilot, lambda: app.live.status == "not started")
+        await pilot.pause()
+        assert squash("cannot write the run folder") in log_text(app.screen)
+        assert squash("Read-only file system") in log_text(app.screen)
+        assert list(os.scandir(tmp_path / "runs")) == []

@@ -243,6 +243,8 @@ class TransferLabApp(App):
             return
         try:
             train(live.cfg, [live.bridge], live.control, prepared=prepared)
+        except SetupError as exc:  # the run folder could not be created
+            self.post_message(self.RunCouldNotStart(str(exc)))
         except Exception as exc:  # escaped the trainer's own handling: on_worker_state_changed reports it
             if live.bridge.run_dir is not None:
                 mark_failed(live.bridge.run_dir, one_line(exc), traceback.format_exc())

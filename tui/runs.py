@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -13,8 +14,8 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Header, Label, Static
 
 from core import events as ev
-from core.cli import comparison_rows, fmt_acc, fmt_duration, newest_per_strategy
-from core.store import RunRecord, list_runs, read_events
+from core.cli import comparison_rows, fmt_acc, newest_per_strategy, run_row
+from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
@@ -38,8 +39,9 @@ class CompareScreen(ModalScreen):
         table.add_columns("strategy", "run", "epochs", "final acc", "best acc", "vs scratch", "status")
         for row in comparison_rows(self.runs):
             diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-            table.add_row(row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
-                          fmt_acc(row["best_test_acc"]), diff, str(row["status"]))
+            table.add_row(*(escape(cell) for cell in (  # names read from files are not markup
+                row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
+                fmt_acc(row["best_test_acc"]), diff, str(row["status"]))))
 
     def action_close(self) -> None:
         self.dismiss()
@@ -87,11 +89,13 @@ class RunsScreen(Screen):
 
     def _signature(self) -> tuple:
         """Which run folders exist and when their summaries last changed."""
-        root = Path(self.app.runs_dir).expanduser()
-        if not root.is_dir():
+        try:
+            root = Path(self.app.runs_dir).expanduser()
+            entries = sorted(root.iterdir()) if root.is_dir() else []
+        except (OSError, RuntimeError):  # RuntimeError: ~user without a home
             return ()
         out = []
-        for path in sorted(root.iterdir()):
+        for path in entries:
             try:
                 out.append((path.name, (path / "summary.json").stat().st_mtime_ns))
             except OSError:
@@ -104,17 +108,19 @@ class RunsScreen(Screen):
             return  # nothing new: skip the table rebuild and the replot
         self._seen = signature
         table = self.query_one(DataTable)
-        self.runs = list_runs(self.app.runs_dir)
+        try:
+            self.runs = list_runs(self.app.runs_dir)
+        except RunsDirError as exc:
+            self.runs = []
+            self.notify(str(exc), severity="error")
         row_key = None
         if table.row_count and table.cursor_row < table.row_count:
             row_key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
         table.clear()
         for run in reversed(self.runs):  # newest first
-            s, c = run.summary, run.config
-            lr = f"{c.lr:g}" + (f"/{c.lr_backbone:g}" if c.strategy == "discriminative" else "")
-            table.add_row("✓" if run.run_id in self.selected else "", run.run_id, c.strategy, c.dataset, lr,
-                          f"{s.get('epochs_done', 0)}/{c.epochs}", fmt_acc(s.get("best_test_acc")),
-                          str(s.get("status")), fmt_duration(s.get("seconds")), key=run.run_id)
+            row = run_row(run)
+            cells = (row[c] for c in ("run", "strategy", "dataset", "lr", "epochs", "best test acc", "status", "duration"))
+            table.add_row("✓" if run.run_id in self.selected else "", *map(escape, cells), key=run.run_id)
         if row_key is not None and row_key in {r.run_id for r in self.runs}:
             table.move_cursor(row=table.get_row_index(row_key))
         self._update_hint()
@@ -133,8 +139,16 @@ class RunsScreen(Screen):
         key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
         return next((r for r in self.runs if r.run_id == key), None)
 
-    def action_toggle_select(self) -> None:
+    def readable_current(self) -> RunRecord | None:
+        """The run under the cursor, or None (with a toast saying why) when it is unreadable."""
         run = self.current()
+        if run is not None and run.unreadable:
+            self.notify(f"{run.run_id} is unreadable: {run.reason}", title="Unreadable run", severity="warning")
+            return None
+        return run
+
+    def action_toggle_select(self) -> None:
+        run = self.readable_current()
         if run is None:
             return
         self.selected.symmetric_difference_update({run.run_id})
@@ -200,7 +214,7 @@ class RunsScreen(Screen):
         acc.reset()
         waiting = 0
         for run in self.runs:
-            if run.run_id not in self.selected:
+            if run.run_id not in self.selected or run.unreadable:
                 continue
             curves = self._curves(run, load)
             if curves is None:
@@ -216,7 +230,7 @@ class RunsScreen(Screen):
     def action_open(self) -> None:
         from tui.dashboard import DashboardScreen
 
-        run = self.current()
+        run = self.readable_current()
         if run is not None:
             self.app.push_screen(DashboardScreen(live=False, run_dir=run.path))
 
@@ -225,7 +239,7 @@ class RunsScreen(Screen):
         self.action_open()
 
     def action_compare(self) -> None:
-        chosen = [r for r in self.runs if r.run_id in self.selected]
+        chosen = [r for r in self.runs if r.run_id in self.selected and not r.unreadable]
         chosen = chosen or newest_per_strategy(self.runs)
         if not chosen:
             self.notify("No finished runs to compare yet.", severity="warning")
@@ -233,7 +247,7 @@ class RunsScreen(Screen):
         self.app.push_screen(CompareScreen(chosen))
 
     async def action_edit(self) -> None:
-        run = self.current()
+        run = self.readable_current()
         if run is not None:
             await self.app.edit_config(run.config)
 

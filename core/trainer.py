@@ -17,8 +17,9 @@ from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.models import build_model
-from core.store import RunWriter, atomic_write_json, replace_dir
+from core.store import RunWriter, replace_dir
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
+from core.weights import save_checkpoint
 from oneflow import nn
 
 FLUSH_STEPS = 32
@@ -264,9 +265,7 @@ class Trainer:
         last = self.writer.checkpoint_dir("last")
         tmp = last.with_name(f".last.tmp-{time.time_ns()}")
         tmp.mkdir(parents=True)
-        flow.save(self.p.model.state_dict(), str(tmp / "model"))
-        flow.save(self.optimizer.state_dict(), str(tmp / "optimizer"))
-        atomic_write_json(tmp / "meta.json", {
+        save_checkpoint(tmp, self.p.model, self.optimizer, {
             "epoch": epoch, "step": step, "global_step": self.global_step,
             "test_acc": self.last_acc, "backbone": self.p.cfg.backbone,
             "num_classes": len(self.p.train.classes), "classes": self.p.train.classes})

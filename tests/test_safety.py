@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import tarfile
 import threading
 import time
@@ -322,21 +323,44 @@ def test_crafted_cifar_file_is_refused(tmp_path, name):
     assert f"refused to load {path}: it asks for posix.system" in str(info.value)
 
 
-def test_cifar_batches_with_python2_style_bytes_keys_load(tmp_path):
-    """Real CIFAR files are Python 2 pickles (protocol 2) whose keys are byte strings."""
+class Py2Pickler(pickle._Pickler):
+    """Writes byte strings with Python 2's str opcodes (SHORT_BINSTRING/BINSTRING), as the cPickle
+    that wrote the real CIFAR-10 files did (Python 3's protocol 2 writes _codecs.encode calls)."""
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+
+
+def python2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dumps", [python2_pickle, lambda obj: pickle.dumps(obj, protocol=2)])
+def test_cifar_batches_with_python2_style_bytes_keys_load(tmp_path, dumps):
+    """Real CIFAR files are Python 2 pickles (protocol 2) of dicts whose keys are byte strings."""
     folder = tmp_path / D.CIFAR10_FOLDER
     folder.mkdir()
     rng = np.random.default_rng(1)
+    batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {b"batch_label": name.encode(), b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+        batches[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        entry = {b"batch_label": name.encode(), b"data": batches[name],
                  b"labels": [0, 1, 2, 9], b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        (folder / name).write_bytes(dumps(entry))
     names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                   "ship", "truck")]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}, protocol=2))
+    (folder / "batches.meta").write_bytes(dumps({b"label_names": names, b"num_vis": 3072}))
     train, test = D.load_dataset("cifar10", str(tmp_path), 16)
     assert train.images.shape == (20, 32, 32, 3) and test.classes[9] == "truck"
     assert test.labels.tolist() == [0, 1, 2, 9]
+    assert np.array_equal(test.images[3], batches["test_batch"][3].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
 @pytest.mark.parametrize("content,expected", [

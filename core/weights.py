@@ -33,6 +33,7 @@ import numpy as np
 
 from core.backend import flow
 from core.errors import SetupError
+from core.store import atomic_write_json
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -118,8 +119,6 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]
 def save_checkpoint(folder: str | Path, model: "flow.nn.Module", optimizer: Any, meta: Dict[str, Any]) -> None:
     """Write model weights, optimizer state and `meta` into `folder` (created if needed):
     model.safetensors, optimizer.safetensors (tensors; the rest as JSON in its metadata), meta.json."""
-    from core.store import atomic_write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_safetensors(folder / MODEL_FILE, {k: _to_numpy(v) for k, v in model.state_dict().items()},

@@ -185,13 +185,22 @@ def test_imagenet_download_is_unzipped_and_loaded_safely(tmp_path, monkeypatch):
     assert (M.imagenet_cache_path("resnet18") / "pickled_data").is_file()
 
 
-def test_imagenet_zip_with_an_escaping_member_is_refused(tmp_path, monkeypatch):
+def symlink_member(name: str, target: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16)  # a Unix symlink, as zip -y stores it
+    return info
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/abs.txt", "resnet18/link"])
+def test_imagenet_zip_with_an_escaping_member_is_refused(tmp_path, monkeypatch, member):
     flow.manual_seed(6)
     flow.save(M.build_model("resnet18", 1000, "none")[0].state_dict(), str(tmp_path / "src" / "resnet18"))
     cache = M.imagenet_cache_path("resnet18").parent
-    bad = zip_of(tmp_path / "src" / "resnet18", tmp_path / "bad.zip", {"../escaped.txt": "x"})
+    bad = zip_of(tmp_path / "src" / "resnet18", tmp_path / "bad.zip")
+    with zipfile.ZipFile(bad, "a") as zf:
+        zf.writestr(symlink_member(member, "/etc/passwd") if member.endswith("link") else member, "x")
     monkeypatch.setattr(W, "_download", lambda url, dst: Path(dst).write_bytes(bad.read_bytes()))
-    with pytest.raises(M.WeightsError, match="refused to unpack .*'../escaped.txt'"):
+    with pytest.raises(M.WeightsError, match=f"refused to unpack .*{member}"):
         M.build_model("resnet18", 10, "imagenet")
     assert not (cache / "escaped.txt").exists() and not (cache.parent / "escaped.txt").exists()
     assert not M.imagenet_cached("resnet18") and list(cache.iterdir()) == []
@@ -291,6 +300,22 @@ def test_torchvision_named_safetensors_file_loads_into_the_backbone(tmp_path):
     save_file({k: source[k].numpy() for k in names}, str(tmp_path / "resnet18.tv_in1k.safetensors"))
     model, _ = M.build_model("resnet18", 10, str(tmp_path / "resnet18.tv_in1k.safetensors"))
     for key in names[:-2]:
+        assert np.array_equal(model.state_dict()[key].numpy(), source[key].numpy()), key
+
+
+def test_mobilenet_safetensors_file_with_torchvision_names_loads(tmp_path):
+    """FlowVision's MobileNetV3-small has torchvision's names (features.N.block.M..., classifier.0/3):
+    a 1000-class file without BatchNorm step counters loads, its classifier.3 head replaced."""
+    from safetensors.numpy import save_file
+
+    flow.manual_seed(9)
+    source = M.build_model("mobilenet_v3_small", 1000, "none")[0].state_dict()
+    assert "features.1.block.1.fc1.weight" in source and "classifier.3.weight" in source
+    save_file({k: v.numpy() for k, v in source.items() if not k.endswith("num_batches_tracked")},
+              str(tmp_path / "mobilenet_v3_small.safetensors"))
+    model, head = M.build_model("mobilenet_v3_small", 10, str(tmp_path / "mobilenet_v3_small.safetensors"))
+    assert head == "classifier.3" and model.classifier[3].out_features == 10
+    for key in ("features.1.block.1.fc1.weight", "features.12.1.running_var", "classifier.0.weight"):
         assert np.array_equal(model.state_dict()[key].numpy(), source[key].numpy()), key
 
 

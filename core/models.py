@@ -78,11 +78,6 @@ def load_imagenet_state(backbone: str) -> Dict[str, "flow.Tensor"]:
     return load_imagenet(imagenet_url(backbone), imagenet_cache_path(backbone))
 
 
-def load_state_file(path: str | Path) -> Dict[str, "flow.Tensor"]:
-    """The state dict at `path` (see core.weights.read_state_dict for the accepted formats)."""
-    return read_state_dict(path)
-
-
 def load_backbone_weights(model: nn.Module, state: Dict[str, "flow.Tensor"], source: str) -> None:
     """Load every weight but the classifier head's; raise WeightsError naming mismatched keys."""
     head = head_name(model) + "."
@@ -113,7 +108,7 @@ def build_model(backbone: str, num_classes: int, pretrained: str) -> Tuple[nn.Mo
         if pretrained == "imagenet":
             load_backbone_weights(model, load_imagenet_state(backbone), f"ImageNet ({backbone})")
         elif pretrained != "none":
-            load_backbone_weights(model, load_state_file(pretrained), pretrained)
+            load_backbone_weights(model, read_state_dict(pretrained), pretrained)
         name = head_name(model)
         old = _get_submodule(model, name)
         _set_submodule(model, name, nn.Linear(old.in_features, num_classes))

@@ -17,7 +17,7 @@ from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.models import build_model
-from core.store import RunWriter, replace_dir
+from core.store import RunWriter, atomic_write_json, replace_dir
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
 from core.weights import save_checkpoint
 from oneflow import nn

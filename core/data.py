@@ -6,11 +6,14 @@ not per image in PIL: see `BatchTransform`.
 """
 from __future__ import annotations
 
+import _codecs
+import io
 import pickle
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -100,19 +103,115 @@ def load_synthetic(n_train: int = 512, n_test: int = 128, size: int = 16, classe
     return make(n_train), make(n_test)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What Python 3 pickles (protocol 2) write for bytes: `_codecs.encode(text, "latin1")`."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not a bytes literal")
+    return _codecs.encode(text, "latin1")
+
+
+def _numpy_reconstruct() -> Any:
+    from numpy.core.multiarray import _reconstruct  # numpy 1.x (oneflow 0.9.0 needs numpy < 2)
+
+    return _reconstruct
+
+
+# What python-format CIFAR batches reference (pickletools.genops on files written like the real ones,
+# protocol 2 from Python 2 style dicts; flowvision's CIFAR10 reads them with pickle.load):
+# numpy arrays are rebuilt by _reconstruct(ndarray, shape, dtype) then their state, and Python 3's
+# protocol 2 writes bytes as _codecs.encode(str, "latin1"). Nothing else is allowed.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, bytes, numbers and numpy arrays only."""
+
+    def __init__(self, data: bytes, source: Path):
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise DataError(f"refused to load {self.source}: it asks for {module}.{name}, which a CIFAR-10 "
+                            f"batch never needs (the file may be crafted to run code); nothing from it was run")
+        return _CIFAR_GLOBALS[(module, name)]()
+
+
+def _read_cifar_pickle(path: Path, keys: Sequence[str]) -> Dict[str, Any]:
+    """The dict in a CIFAR python-format file, with str keys, holding at least `keys`."""
+    try:
+        entry = _CifarUnpickler(path.read_bytes(), path).load()
+    except (DataError, OSError):
+        raise
+    except Exception as exc:  # a damaged or foreign pickle can raise nearly anything while read
+        raise DataError(f"CIFAR-10 file {path} is incomplete or damaged ({type(exc).__name__}: {exc}); "
+                        f"delete {path.parent} and download it again") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} is not a CIFAR-10 file: it holds a {type(entry).__name__}, not a dict")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DataError(f"{path} is not a CIFAR-10 file: it has no {', '.join(missing)}")
+    return entry
+
+
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    return np.ascontiguousarray(data), labels
+    entry = _read_cifar_pickle(path, ["data"])
+    data = entry["data"]
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path} is not a CIFAR-10 batch: data is {shape}, expected N x 3072 uint8")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = None
+    if labels is None or labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
+        raise DataError(f"{path} is not a CIFAR-10 batch: it needs {len(data)} labels from 0 to 9")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def _read_cifar_classes(path: Path) -> List[str]:
+    names = _read_cifar_pickle(path, ["label_names"])["label_names"]
+    if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, (str, bytes)) for n in names)):
+        raise DataError(f"{path} is not CIFAR-10's batches.meta: label_names must be 10 names")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+
+
+def safe_extract_tar(archive: Path, root: Path) -> None:
+    """Extract `archive` into `root`, refusing (DataError, before anything is written) members with
+    an absolute path or `..`, links and device files. Python's own `filter="data"` (PEP 706) is
+    used as well where it exists; the explicit check holds on Pythons without it."""
+    root = root.resolve()
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for m in members:
+            inside = (root / m.name).resolve()
+            if m.name.startswith("/") or ".." in Path(m.name).parts or not inside.is_relative_to(root):
+                raise DataError(f"refused to extract {archive}: member {m.name!r} would be written outside {root}")
+            if not (m.isfile() or m.isdir()):
+                raise DataError(f"refused to extract {archive}: member {m.name!r} is a link or a device file")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, members, filter="data")
+        else:
+            tar.extractall(root, members)
 
 
 def download_cifar10(root: Path) -> None:
-    """Download and extract CIFAR-10 into `root` with FlowVision (needs internet)."""
+    """Download CIFAR-10's archive into `root` with FlowVision's downloader (checking its MD5)
+    and extract it safely (FlowVision's own extraction trusts every member)."""
     from flowvision.datasets import CIFAR10
+    from flowvision.datasets.utils import download_url
 
-    CIFAR10(root=str(root), train=True, download=True)
+    download_url(CIFAR10_URL, str(root), CIFAR10.filename, CIFAR10.tgz_md5)
+    safe_extract_tar(root / CIFAR10.filename, root)
 
 
 def load_cifar10(root: str | Path, download: bool = True) -> Tuple[ArrayData, ArrayData]:
@@ -126,11 +225,15 @@ def load_cifar10(root: str | Path, download: bool = True) -> Tuple[ArrayData, Ar
     if not (folder / "test_batch").exists():
         archive = root / "cifar-10-python.tar.gz"
         if archive.exists():
-            with tarfile.open(archive) as tar:
-                tar.extractall(root)
+            try:
+                safe_extract_tar(archive, root)
+            except (OSError, tarfile.TarError, EOFError) as exc:
+                raise DataError(f"cannot extract {archive} ({exc}); delete it and download it again") from None
         elif download:
             try:
                 download_cifar10(root)
+            except DataError:
+                raise
             except Exception as exc:  # URLError, socket errors, HTTP errors, bad archives
                 raise DataError(
                     f"CIFAR-10 is not in {folder} and could not be downloaded ({exc}). "
@@ -145,9 +248,8 @@ def load_cifar10(root: str | Path, download: bool = True) -> Tuple[ArrayData, Ar
     try:
         parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
         test_x, test_y = _read_cifar_batch(folder / "test_batch")
-        with open(folder / "batches.meta", "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")["label_names"])
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        classes = _read_cifar_classes(folder / "batches.meta")
+    except OSError as exc:
         raise DataError(f"CIFAR-10 files in {folder} are incomplete or damaged ({exc}); "
                         f"delete the folder and download it again") from None
     train = ArrayData(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
@@ -159,20 +261,33 @@ def cifar10_present(root: str | Path) -> bool:
     return (root / CIFAR10_FOLDER / "test_batch").exists() or (root / "cifar-10-python.tar.gz").exists()
 
 
-def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """One image as `size` x `size` RGB uint8. Images over PIL's decompression-bomb limit (its
+    warning as well as its error) and anything PIL cannot decode give one DataError line."""
     from PIL import Image
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                return np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombWarning:
+        raise DataError(f"refused image {path}: it is larger than {Image.MAX_IMAGE_PIXELS} pixels "
+                        f"(PIL's limit against decompression bombs)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"refused image {path}: {exc}") from None
+    except Exception as exc:  # PIL's decoders raise OSError, ValueError, SyntaxError, struct.error...
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
     images, labels = [], []
     for index, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
             if (folder / name).is_dir() else []
         for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8))
-            except OSError as exc:
-                raise DataError(f"cannot read image {path}: {exc}") from None
+            images.append(_read_image(path, size))
             labels.append(index)
     if not images:
         raise DataError(f"no images found in {folder} (expected one subfolder of images per class)")

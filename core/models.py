@@ -1,13 +1,22 @@
-"""FlowVision backbones by name, with the classifier head replaced, and their initial weights."""
+"""FlowVision backbones by name, with the classifier head replaced, and their initial weights.
+
+Weight files are read by core.weights (the one place that opens them); this module builds models.
+FlowVision 0.2.1's ResNet-18/34/50, MobileNetV2 and MobileNetV3-small use torchvision's state-dict
+names, key for key (compared on the full key lists; timm's ResNets use the same names), so
+torchvision/timm ResNet and MobileNet weights converted to safetensors load as they are. The one
+difference: files saved by older PyTorch versions (e.g. torchvision's resnet18-f37072fd) have no
+BatchNorm `num_batches_tracked` counters; the model keeps its own for those.
+"""
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 from core.backend import flow
-from core.errors import SetupError
+from core.weights import WeightsError, load_imagenet, read_state_dict
 from oneflow import nn
 
 # backbone name -> FlowVision module holding its constructor and its `model_urls`
@@ -19,9 +28,9 @@ BACKBONE_MODULES = {
     "mobilenet_v3_small": "flowvision.models.mobilenet_v3",
 }
 
-
-class WeightsError(SetupError):
-    """Initial weights cannot be loaded; the message says why and what to do."""
+BUILD_LOCK = threading.RLock()
+"""Held by every OneFlow model build: two threads building models at once (the form's parameter
+counts and a starting run) were seen to deadlock. Re-entrant, so a caller holding it can build."""
 
 
 def head_name(model: nn.Module) -> str:
@@ -66,33 +75,7 @@ def imagenet_cached(backbone: str) -> bool:
 
 def load_imagenet_state(backbone: str) -> Dict[str, "flow.Tensor"]:
     """The ImageNet state dict from FlowVision's cache, downloading it first when online."""
-    from flowvision.models.utils import load_state_dict_from_url
-
-    url = imagenet_url(backbone)
-    try:
-        return load_state_dict_from_url(url, progress=False)
-    except Exception as exc:  # URLError offline, HTTP errors, broken archives
-        raise WeightsError(
-            f"ImageNet weights for {backbone} are not in {imagenet_cache_path(backbone)} and could not "
-            f"be downloaded ({exc}). On a machine with internet, download {url}, unzip it into "
-            f"{imagenet_cache_path(backbone).parent}, or choose pretrained none or a local state-dict file."
-        ) from None
-
-
-def load_state_file(path: str | Path) -> Dict[str, "flow.Tensor"]:
-    """A state dict saved with flow.save (a folder or file), or a TransferLab checkpoint folder."""
-    path = Path(path).expanduser()
-    if (path / "model").is_dir():  # a TransferLab checkpoint: model/ optimizer/ meta.json
-        path = path / "model"
-    if not path.exists():  # flow.load raises a misleading NotImplementedError for a missing path
-        raise WeightsError(f"pretrained weights file {path} does not exist")
-    try:
-        state = flow.load(str(path))
-    except Exception as exc:
-        raise WeightsError(f"cannot read {path} as a OneFlow state dict ({exc})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
+    return load_imagenet(imagenet_url(backbone), imagenet_cache_path(backbone))
 
 
 def load_backbone_weights(model: nn.Module, state: Dict[str, "flow.Tensor"], source: str) -> None:
@@ -100,7 +83,8 @@ def load_backbone_weights(model: nn.Module, state: Dict[str, "flow.Tensor"], sou
     head = head_name(model) + "."
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
     given = {k: v for k, v in state.items() if not k.startswith(head)}
-    missing = sorted(set(own) - set(given))
+    # Files from older PyTorch versions lack BatchNorm's step counters: keep the model's own.
+    missing = sorted(k for k in set(own) - set(given) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(given) - set(own))
     wrong_shape = sorted(k for k in set(own) & set(given) if tuple(own[k].shape) != tuple(given[k].shape))
     problems: List[str] = []
@@ -119,12 +103,18 @@ def build_model(backbone: str, num_classes: int, pretrained: str) -> Tuple[nn.Mo
     ("imagenet", "none", or a path). Returns (model, dotted name of the head)."""
     if backbone not in BACKBONE_MODULES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONE_MODULES)}")
-    model = getattr(importlib.import_module(BACKBONE_MODULES[backbone]), backbone)(pretrained=False)
-    if pretrained == "imagenet":
-        load_backbone_weights(model, load_imagenet_state(backbone), f"ImageNet ({backbone})")
-    elif pretrained != "none":
-        load_backbone_weights(model, load_state_file(pretrained), pretrained)
-    name = head_name(model)
-    old = _get_submodule(model, name)
-    _set_submodule(model, name, nn.Linear(old.in_features, num_classes))
+    with BUILD_LOCK:
+        model = _construct(backbone)
+        if pretrained == "imagenet":
+            load_backbone_weights(model, load_imagenet_state(backbone), f"ImageNet ({backbone})")
+        elif pretrained != "none":
+            load_backbone_weights(model, read_state_dict(pretrained), pretrained)
+        name = head_name(model)
+        old = _get_submodule(model, name)
+        _set_submodule(model, name, nn.Linear(old.in_features, num_classes))
     return model, name
+
+
+def _construct(backbone: str) -> nn.Module:
+    """FlowVision's `backbone` with random weights (its own `pretrained=True` would flow.load)."""
+    return getattr(importlib.import_module(BACKBONE_MODULES[backbone]), backbone)(pretrained=False)

@@ -6,7 +6,6 @@ CPU-only machine. `machine_defaults` proposes what can, with a note saying why f
 from __future__ import annotations
 
 import socket
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, List, Tuple
@@ -71,9 +70,6 @@ def class_count(dataset: str, data_root: str) -> int:
     return 0
 
 
-_build_lock = threading.Lock()
-
-
 @lru_cache(maxsize=64)
 def _param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, int]:
     from core.models import build_model
@@ -87,8 +83,11 @@ def _param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, 
 def param_counts(backbone: str, strategy: str, num_classes: int) -> Tuple[int, int]:
     """(trainable, total) parameters of `backbone` with a `num_classes` head under `strategy`.
 
-    Builds the model (random weights) once per combination: call it off the UI thread. Calls are
-    serialised: two threads building OneFlow models at once were seen to deadlock.
+    Builds the model (random weights) once per combination: call it off the UI thread. It holds
+    core.models.BUILD_LOCK, the lock of every model build, while it builds and prepares the model:
+    two threads building OneFlow models at once were seen to deadlock.
     """
-    with _build_lock:
+    from core.models import BUILD_LOCK
+
+    with BUILD_LOCK:
         return _param_counts(backbone, strategy, num_classes)

@@ -20,6 +20,7 @@ from core.models import WeightsError, build_model
 from core.store import (RunWriter, StoreWriteError, atomic_write_json, check_runs_dir, io_error_reason,
                         replace_dir, tidy_run)
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
+from core.weights import save_checkpoint
 from oneflow import nn
 
 FLUSH_STEPS = 32
@@ -329,9 +330,7 @@ class Trainer:
         last = self.writer.checkpoint_dir("last")
         tmp = last.with_name(f".last.tmp-{time.time_ns()}")
         tmp.mkdir(parents=True)
-        flow.save(self.p.model.state_dict(), str(tmp / "model"))
-        flow.save(self.optimizer.state_dict(), str(tmp / "optimizer"))
-        atomic_write_json(tmp / "meta.json", {
+        save_checkpoint(tmp, self.p.model, self.optimizer, {
             "epoch": epoch, "step": step, "global_step": self.global_step,
             "test_acc": self.last_acc, "backbone": self.p.cfg.backbone,
             "num_classes": len(self.p.train.classes), "classes": self.p.train.classes})

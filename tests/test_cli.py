@@ -25,7 +25,7 @@ def test_train_completes_and_writes_the_run_folder(trained):
     assert "completed after 1 epoch(s)" in proc.stdout and "final test accuracy 0." in proc.stdout
     assert "epoch 1/1: train loss" in proc.stdout
     (run_dir,) = (cwd / "runs").iterdir()
-    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last/model", "checkpoints/best/meta.json"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last/model.safetensors", "checkpoints/best/meta.json"):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and 0 <= summary["final_test_acc"] <= 1

@@ -47,7 +47,9 @@ def test_event_order_and_run_folder(tiny_cfg):
     assert [type(e) for e in read_events(started.run_dir)] == [type(e) for e in rec.events]
     for kind in ("last", "best"):
         meta = json.loads((run.path / "checkpoints" / kind / "meta.json").read_text())
-        assert (run.path / "checkpoints" / kind / "model").is_dir() and meta["num_classes"] == 10
+        folder = run.path / "checkpoints" / kind
+        assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
+        assert meta["num_classes"] == 10
     assert [r.run_id for r in list_runs(cfg.runs_dir)] == [run.run_id]
 
 
@@ -143,9 +145,10 @@ def test_checkpoint_loads_as_pretrained_source(tiny_cfg):
     train(tiny_cfg, [rec])
     last = rec.of(ev.CheckpointSaved)[0].path
     p = prepare(tiny_cfg.replace(pretrained=last))
-    from core.backend import flow
+    from core.weights import load_checkpoint
 
-    saved = flow.load(last + "/model")
+    saved, optimizer, meta = load_checkpoint(last)
+    assert optimizer is not None and meta["backbone"] == "resnet18"
     assert np.array_equal(p.model.layer2[0].conv1.weight.numpy(), saved["layer2.0.conv1.weight"].numpy())
 
 

@@ -4,7 +4,7 @@ runs/<run id>/
   config.json     the resolved RunConfig
   metrics.jsonl   one event per line (core.events.to_record), appended as it happens
   summary.json    status, best and final test accuracy, duration, parameter counts
-  checkpoints/last, checkpoints/best   model/ and optimizer/ and meta.json
+  checkpoints/last, checkpoints/best   model.safetensors, optimizer.safetensors, meta.json (core.weights)
   error.txt       the traceback, when the run failed on an unexpected exception
 
 Faults: every byte the store writes goes through `write_bytes` (one place to inject a full disk in

@@ -17,7 +17,7 @@ from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.models import WeightsError, build_model
-from core.store import (RunWriter, StoreWriteError, atomic_write_json, check_runs_dir, io_error_reason,
+from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason,
                         replace_dir, tidy_run)
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
 from core.weights import save_checkpoint

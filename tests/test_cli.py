@@ -146,16 +146,18 @@ class Training:
         return code, json.loads((self.run_dir() / "summary.json").read_text()), "".join(self.lines)
 
 
-def test_ctrl_c_stops_gracefully_with_exit_3(tmp_path):
+@pytest.mark.parametrize("sig, said", [("SIGINT", "Ctrl-C: stopping after this step"),
+                                       ("SIGTERM", "SIGTERM: stopping after this step")])
+def test_ctrl_c_or_sigterm_stops_gracefully_with_exit_3(tmp_path, sig, said):
     import signal
 
     t = Training(tmp_path)
     t.wait_for_a_step()
-    t.signal(signal.SIGINT)
+    t.signal(getattr(signal, sig))
     code, summary, out = t.finish()
     assert code == 3, out
     assert summary["status"] == "stopped" and "checkpoint saved" in summary["message"]
-    assert "Ctrl-C: stopping after this step" in out and "Traceback" not in out
+    assert said in out and "Traceback" not in out
     ck = t.run_dir() / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last"] and (ck / "last" / "meta.json").exists()
 
@@ -180,15 +182,3 @@ def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, when):
     assert not ck.exists() or not [p for p in ck.iterdir() if ".tmp-" in p.name]  # no partial checkpoint
     if when == "writing the checkpoint":
         assert not (ck / "last").exists()  # the abort came before the checkpoint was complete
-
-
-def test_sigterm_stops_gracefully_with_exit_3(tmp_path):
-    import signal
-
-    t = Training(tmp_path)
-    t.wait_for_a_step()
-    t.signal(signal.SIGTERM)
-    code, summary, out = t.finish()
-    assert code == 3, out
-    assert summary["status"] == "stopped" and "SIGTERM: stopping after this step" in out
-    assert (t.run_dir() / "checkpoints" / "last" / "meta.json").exists()

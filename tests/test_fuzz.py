@@ -39,10 +39,18 @@ def check_config(cfg):
     assert isinstance(cfg, C.RunConfig)
     for name in C.FIELDS:
         assert isinstance(getattr(cfg, name), C.field_type(name)), name
+    assert all(isinstance(p, str) and p.strip() for p in C.validate(cfg))
 
 
-def one_line_problems(exc):
-    assert exc.problems and all(isinstance(p, str) and p.strip() for p in exc.problems)
+def config_or_problems(read, *args):
+    """read(*args): a well-typed config, or ConfigError with one non-empty line per problem."""
+    try:
+        cfg = read(*args)
+    except C.ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p.strip() for p in exc.problems)
+        return None
+    check_config(cfg)
+    return cfg
 
 
 field_names = st.sampled_from(sorted(C.FIELDS))
@@ -52,15 +60,8 @@ field_names = st.sampled_from(sorted(C.FIELDS))
 @given(st.one_of(st.dictionaries(field_names, values, max_size=8), st.dictionaries(keys, values, max_size=6)))
 def test_config_mappings(mapping):
     counted("config mappings")
-    try:
-        cfg = C.from_mapping(mapping)
-    except C.ConfigError as exc:
-        one_line_problems(exc)
-        return
-    check_config(cfg)
-    problems = C.validate(cfg)
-    assert all(isinstance(p, str) for p in problems)
-    if not problems:  # a valid config round-trips through both file formats
+    cfg = config_or_problems(C.from_mapping, mapping)
+    if cfg is not None and not C.validate(cfg):  # a valid config round-trips through both file formats
         assert C.from_mapping(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -101,13 +102,7 @@ def test_preset_files_with_byte_mutations(tmp_path, presets, suffix, ops):
     counted("preset files")
     path = tmp_path / f"mutated{suffix}"
     path.write_bytes(mutate(presets[suffix], ops))
-    try:
-        cfg = C.load(path)
-    except C.ConfigError as exc:
-        one_line_problems(exc)
-        return
-    check_config(cfg)
-    C.validate(cfg)
+    config_or_problems(C.load, path)
 
 
 value_flags = [cli.flag(n) for n in C.FIELDS if C.field_type(n) is not bool] + ["--config", "--runs-dir"]

@@ -185,7 +185,7 @@ def test_disk_full_writing_a_checkpoint_fails_the_run_and_keeps_the_previous_one
     assert summary["status"] == "failed" and summary["message"] == result.message
     assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["best", "last"]  # no .last.tmp-*
     assert json.loads((path / "checkpoints" / "last" / "meta.json").read_text())["epoch"] == 1
-    assert (path / "checkpoints" / "last" / "model").is_dir()
+    assert (path / "checkpoints" / "last" / "model.safetensors").is_file()
     finished = strict_loads((path / "metrics.jsonl").read_text().splitlines()[-1])
     assert finished["event"] == "RunFinished" and finished["status"] == "failed"
     assert not (path / "error.txt").exists()  # a full disk is not a bug: no traceback

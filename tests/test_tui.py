@@ -22,12 +22,12 @@ def tiny(tmp_path, **changes):
     return cfg.replace(**changes)
 
 
-async def wait_until(pilot, condition, timeout=120.0):
+async def wait_until(pilot, condition, timeout=120.0, poll=0.05):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
         assert loop.time() < deadline, "timed out"
-        await pilot.pause(0.05)
+        await pilot.pause(poll)
 
 
 async def start_run(pilot, until):

@@ -26,14 +26,11 @@ from tui.runs import RunsScreen
 
 from conftest import write_long_run
 from test_tui import SIZE, log_text, squash, start_run, tiny
+from test_tui import wait_until as tui_wait_until
 
 
 async def wait_until(pilot, condition, timeout=60.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await pilot.pause(0.01)
+    await tui_wait_until(pilot, condition, timeout, poll=0.01)
 
 
 # -- bulk adds ---------------------------------------------------------------------------------

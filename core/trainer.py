@@ -46,7 +46,12 @@ class RunControl:
         """Called by the trainer once the run's outcome is decided."""
         self._ending.set()
 
-    def request_stop(self) -> None:
+    reason = ""
+    """Why the stop was asked for, when not by the person (e.g. "the interface failed: ...")."""
+
+    def request_stop(self, reason: str = "") -> None:
+        if reason and not self._stop.is_set():
+            self.reason = reason
         self._stop.set()
 
     def request_abort(self) -> None:
@@ -195,8 +200,8 @@ class Trainer:
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved)
         except _Interrupted as stop:
             status = stop.status
-            message = ("stopped on request; checkpoint saved" if status == ev.STOPPED
-                       else "aborted on request")
+            message = ((f"stopped: {self.control.reason}" if self.control.reason else "stopped on request")
+                       + "; checkpoint saved" if status == ev.STOPPED else "aborted on request")
         except KeyboardInterrupt:
             status, message = ev.ABORTED, "interrupted (Ctrl-C)"
         except (LossNotFinite, StoreWriteError) as exc:

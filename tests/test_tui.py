@@ -1,5 +1,6 @@
 """Pilot tests of the Textual app: real runs on tiny digits subsets, in the app's worker."""
 import asyncio
+import os
 
 from textual.widgets import Button, Input, RichLog, Select
 
@@ -9,7 +10,7 @@ from core.store import list_runs
 from core.trainer import train
 from tui.app import TransferLabApp
 from tui.dashboard import DashboardScreen
-from tui.dialogs import ConfirmScreen
+from tui.dialogs import ChoiceScreen, ConfirmScreen
 from tui.plots import AccuracyPlot, LossPlot
 from tui.runs import CompareScreen, RunsScreen
 
@@ -159,8 +160,13 @@ async def test_quit_during_a_run_asks_then_stops_gracefully(tmp_path):
         assert "Stop run" in titles and "Start run" not in titles
         await pilot.press("ctrl+q")
         await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
-        await pilot.press("y")
+        assert isinstance(app.screen, ChoiceScreen)
+        await pilot.press("c")  # cancel: nothing happens
+        await pilot.pause(0.3)
+        assert app.is_running and app.running and not isinstance(app.screen, ChoiceScreen)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.press("s")
         await wait_until(pilot, lambda: app.live.status == ev.STOPPED)
     (run,) = list_runs(tmp_path / "runs")
     assert run.summary["status"] == "stopped"
@@ -412,17 +418,21 @@ async def test_plots_draw_exactly_what_plotext_draws(tmp_path):
 
 def test_the_app_ending_on_an_error_exits_non_zero(tmp_path, monkeypatch):
     """run_app (what `transferlab` runs) returns Textual's return code: 1 after an unhandled error."""
-    from textual.app import App
-
     from tui import app as app_module
 
     def broken_mount(self):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(TransferLabApp, "on_mount", broken_mount)
-    monkeypatch.setattr(TransferLabApp, "run", lambda self: App.run(self, headless=True, size=SIZE))
+    headless(monkeypatch)
     monkeypatch.setattr("core.suggest.machine_defaults", lambda cfg, keep=(): (cfg, []))
     assert app_module.run_app(tiny(tmp_path), set()) == 1
+
+
+def headless(monkeypatch):
+    """TransferLabApp.run_async without a terminal (as run_test does), for tests of run_app."""
+    real = TransferLabApp.run_async
+    monkeypatch.setattr(TransferLabApp, "run_async", lambda self: real(self, headless=True, size=SIZE))
 
 
 async def test_unreadable_runs_show_as_such_and_their_keys_give_a_toast(tmp_path):
@@ -490,3 +500,86 @@ async def test_a_run_folder_that_cannot_be_written_is_a_could_not_start(tmp_path
         assert squash("cannot write the run folder") in log_text(app.screen)
         assert squash("Read-only file system") in log_text(app.screen)
         assert list(os.scandir(tmp_path / "runs")) == []
+
+
+def run_app_with(monkeypatch, cfg, script):
+    """run_app(cfg) headless, with `script(app, pilot)` at the keys; returns (exit status, app)."""
+    from tui import app as app_module
+
+    seen = {}
+    real = TransferLabApp.run_async
+
+    async def auto_pilot(pilot):
+        seen["app"] = pilot.app
+        await script(pilot.app, pilot)
+
+    monkeypatch.setattr(TransferLabApp, "run_async",
+                        lambda self: real(self, headless=True, size=SIZE, auto_pilot=auto_pilot))
+    monkeypatch.setattr("core.suggest.machine_defaults", lambda cfg, keep=(): (cfg, []))
+    monkeypatch.setattr(app_module, "redirect_output", lambda path: seen.setdefault("redirected", path))
+    return app_module.run_app(cfg, set()), seen
+
+
+LONGER = dict(epochs=3, limit_train=96)
+
+
+def test_keep_training_in_the_background_ends_the_interface_and_the_run_completes(tmp_path, monkeypatch):
+    async def script(app, pilot):
+        await start_run(pilot, lambda: app.live.status == "running")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        await pilot.press("b")
+
+    code, seen = run_app_with(monkeypatch, tiny(tmp_path, **LONGER), script)
+    (run,) = list_runs(tmp_path / "runs")
+    assert code == 0 and run.summary["status"] == "completed" and run.summary["epochs_done"] == 3
+    live = seen["app"].live
+    assert live.status == "running" and live.result.status == ev.COMPLETED  # the interface had ended first
+    assert seen["redirected"] == str(run.path / "output.log")
+
+
+def test_losing_the_terminal_ends_the_interface_and_the_run_completes(tmp_path, monkeypatch):
+    import signal
+
+    async def script(app, pilot):
+        await start_run(pilot, lambda: app.live.status == "running")
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    code, seen = run_app_with(monkeypatch, tiny(tmp_path, **LONGER), script)
+    (run,) = list_runs(tmp_path / "runs")
+    assert code == 0 and run.summary["status"] == "completed" and run.summary["epochs_done"] == 3
+    assert seen["app"].lost_terminal and seen["app"].live.status == "running"
+
+
+def test_an_error_in_the_interface_stops_the_run_with_a_checkpoint_and_says_why(tmp_path, monkeypatch):
+    async def script(app, pilot):
+        await start_run(pilot, lambda: app.live.status == "running")
+        app.call_later(lambda: 1 / 0)  # an unhandled error in the interface
+
+    code, seen = run_app_with(monkeypatch, tiny(tmp_path, **LONGER), script)
+    (run,) = list_runs(tmp_path / "runs")
+    assert code == 1
+    assert run.summary["status"] == "stopped" and "the interface ended on an error" in run.summary["message"]
+    assert (run.path / "checkpoints" / "last" / "meta.json").exists()
+
+
+async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
+    from tui.keybar import KeyBar
+
+    app = TransferLabApp(tiny(tmp_path, **LONGER))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await start_run(pilot, lambda: app.live.status == "running")
+        bar = str(app.screen.query_one(KeyBar).render())
+        assert len(bar) <= 78 and all(k in bar for k in ("s Stop", "a Abort", "f1 Form", "f3 Runs", "^q Quit"))
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, ChoiceScreen)
+        for button in dialog.query("Button"):
+            label = str(button.label)
+            assert button.region.right <= 80 and button.size.width >= len(label), label
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, ChoiceScreen) and app.running
+        app.live.control.request_abort()
+        await app.workers.wait_for_complete()

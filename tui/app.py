@@ -6,13 +6,16 @@ every other event as a message right away. The UI thread never calls oneflow.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
+import signal
+import sys
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Deque, Iterable, List, Optional, Set
 
 from textual import events, on, work
@@ -24,7 +27,7 @@ from textual.worker import Worker, WorkerState
 
 from core import events as ev
 from core.config import RunConfig
-from tui.dialogs import ConfirmScreen
+from tui.dialogs import ChoiceScreen, ConfirmScreen
 
 
 TRAINING_NICENESS = 10
@@ -105,6 +108,11 @@ class LiveRun:
     bridge: EventBridge
     run_id: str = ""
     status: str = "starting"
+    """As the interface knows it (from the worker's messages)."""
+    done: threading.Event = field(default_factory=threading.Event)
+    """Set by the worker thread when it ends, however it ends (the interface may be gone)."""
+    result: Optional[ev.RunFinished] = None
+    """How the run ended, set by the worker thread (None if it never started or crashed)."""
 
 
 class TransferLabApp(App):
@@ -227,6 +235,13 @@ class TransferLabApp(App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _train(self, live: LiveRun) -> None:
+        try:
+            live.result = self._run(live)
+        finally:
+            live.done.set()
+
+    def _run(self, live: LiveRun) -> Optional[ev.RunFinished]:
+        """The worker's work: set up and train `live`; how it finished, or None if it did not start."""
         from core.errors import SetupError
         from core.store import mark_failed
         from core.trainer import prepare, train
@@ -237,14 +252,15 @@ class TransferLabApp(App):
             lower_training_priority()  # and the threads OneFlow started for the model and data
         except SetupError as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
-            return
+            return None
         except Exception as exc:  # anything else while setting up: report, never crash the app
             self.post_message(self.RunCouldNotStart(one_line(exc)))
-            return
+            return None
         try:
-            train(live.cfg, [live.bridge], live.control, prepared=prepared)
+            return train(live.cfg, [live.bridge], live.control, prepared=prepared)
         except SetupError as exc:  # the run folder could not be created
             self.post_message(self.RunCouldNotStart(str(exc)))
+            return None
         except Exception as exc:  # escaped the trainer's own handling: on_worker_state_changed reports it
             if live.bridge.run_dir is not None:
                 mark_failed(live.bridge.run_dir, one_line(exc), traceback.format_exc())
@@ -338,13 +354,29 @@ class TransferLabApp(App):
             self.exit()
             return
 
-        def confirmed(yes: Optional[bool]) -> None:
-            if yes:
+        def chosen(choice: Optional[str]) -> None:
+            if choice == "s":
                 self.quit_after_run = True
                 self.stop_run()
+            elif choice == "b" and self.running:
+                self.exit()  # run_app keeps the process going until the run ends
 
-        self.push_screen(ConfirmScreen("A run is in progress. Stop it gracefully (saving a checkpoint) "
-                                       "and quit?", "Stop and quit"), confirmed)
+        self.push_screen(ChoiceScreen("A run is in progress. Quit how?", [
+            ("s", "Stop the run (saving a checkpoint), then quit"),
+            ("b", "Keep training in the background, quit the interface"),
+            ("c", "Cancel"),
+        ]), chosen)
+
+    # -- the terminal going away ----------------------------------------------------------------
+
+    lost_terminal = False
+
+    def terminal_lost(self) -> None:
+        """SIGHUP (the terminal closed, the SSH connection dropped): end the interface at once,
+        write nothing more to the terminal; a run goes on (run_app)."""
+        self.lost_terminal = True
+        redirect_output(os.devnull)
+        self.exit()
 
     # -- command palette ------------------------------------------------------------------------
 
@@ -370,10 +402,65 @@ class TransferLabApp(App):
 
 
 def run_app(cfg: RunConfig, explicit: Set[str]) -> int:
-    """Open the TUI with `cfg`; settings the user did not give are adapted to this machine."""
+    """Open the TUI with `cfg` (settings the user did not give are adapted to this machine) and
+    return the exit status: 1 when the interface failed, else that of a run it left going."""
     from core.suggest import machine_defaults
 
     cfg, notes = machine_defaults(cfg, keep=explicit)
-    app = TransferLabApp(cfg, notes)
-    app.run()
-    return app.return_code or 0  # Textual sets 1 when the app ended on an unhandled error
+    return asyncio.run(_run_app(TransferLabApp(cfg, notes)))
+
+
+async def _run_app(app: TransferLabApp) -> int:
+    """The app, then, if a run is still going when the interface ends (however it ends: ctrl+q
+    "keep training", the terminal gone, an error in the interface), the run to its end in this
+    process, headless: the run store records it as usual; nothing more goes to the terminal."""
+    from core.cli import EXIT_CODES
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, app.terminal_lost)
+    await app.run_async()
+    for sig in (signal.SIGTSTP, signal.SIGCONT):  # Textual's driver leaves its handlers, which
+        signal.signal(sig, signal.SIG_DFL)        # would redraw the interface on a SIGCONT
+    live = app.live
+    if live is None or live.done.is_set() or live.status not in ("starting", "running"):
+        return app.return_code or 0
+    if app.return_code:  # the interface failed: stop the run, with a checkpoint, saying why
+        live.control.request_stop("the interface ended on an error (its traceback is in the terminal)")
+    elif not app.lost_terminal:
+        folder = live.bridge.run_dir or app.runs_dir
+        print(f"TransferLab: the run goes on in this process (pid {os.getpid()}) until it ends; closing "
+              f"this terminal does not stop it. It is recorded in {folder}; `transferlab runs --runs-dir "
+              f"{app.runs_dir}` shows it. Ctrl-C here stops it (saving a checkpoint), twice aborts it.",
+              file=sys.stderr, flush=True)
+    if live.bridge.run_dir:
+        redirect_output(os.path.join(live.bridge.run_dir, "output.log"))
+    else:
+        redirect_output(os.devnull)
+    presses = []
+
+    def interrupted() -> None:  # Ctrl-C or SIGTERM while the run goes on headless
+        presses.append(1)
+        live.control.request_stop() if len(presses) == 1 else live.control.request_abort()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted)
+    await loop.run_in_executor(None, live.done.wait)
+    if app.return_code:
+        return app.return_code
+    return EXIT_CODES.get(live.result.status, 1) if live.result else 1
+
+
+def redirect_output(path: str) -> None:
+    """Point this process's standard input, output and error at `path` (appended; /dev/null
+    reads as empty): after the terminal is gone or the interface ended, OneFlow's or Python's
+    messages can neither block on a dead terminal nor draw over the shell."""
+    try:
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        out = os.open(os.devnull, os.O_WRONLY)
+    inp = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(inp, 0)
+    for fd in (1, 2):
+        os.dup2(out, fd)
+    os.close(inp)
+    os.close(out)

@@ -1,7 +1,7 @@
 """Small modal screens: a yes/no confirmation and a file path prompt."""
 from __future__ import annotations
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -31,6 +31,38 @@ class ConfirmScreen(ModalScreen[bool]):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
+
+
+class ChoiceScreen(ModalScreen[str]):
+    """Asks a question with several answers, each with its key; dismisses with the answer's key,
+    or "" on Esc (cancel)."""
+
+    BINDINGS = [Binding("escape", "choose('')", "Cancel")]
+
+    def __init__(self, question: str, choices: "list[tuple[str, str]]") -> None:
+        """`choices`: (key, label) pairs; the first is the default button."""
+        super().__init__()
+        self.question, self.choices = question, choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.question)
+            with Vertical(classes="choices"):
+                for i, (key, label) in enumerate(self.choices):
+                    yield Button(f"{label} ({key})", id=f"choice-{key}", compact=True,
+                                 variant="primary" if i == 0 else "default")
+
+    def action_choose(self, key: str) -> None:
+        self.dismiss(key)
+
+    def on_key(self, event: events.Key) -> None:
+        if event.key in {key for key, _label in self.choices}:
+            event.stop()
+            self.dismiss(event.key)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id.removeprefix("choice-"))
 
 
 class PathScreen(ModalScreen[str]):

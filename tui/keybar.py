@@ -23,15 +23,28 @@ class KeyBar(Static):
     def on_unmount(self) -> None:
         self.screen.bindings_updated_signal.unsubscribe(self)
 
+    def on_resize(self) -> None:
+        self.show_bindings()
+
     def show_bindings(self) -> None:
-        text = Text(no_wrap=True, overflow="ellipsis")
-        seen = set()
+        """Every shown binding as "key description"; when that does not fit the width, the
+        short form ("key first-word", single spaces) so that no key is cut off at 80 columns."""
+        entries, seen = [], set()
         palette = self.app.COMMAND_PALETTE_BINDING
         for key, (_node, binding, enabled, _tooltip) in self.screen.active_bindings.items():
             if not binding.show or binding.action in seen or key == palette:
                 continue
             seen.add(binding.action)
-            text.append(self.app.get_key_display(binding), style="bold" if enabled else "dim")
-            text.append(f" {binding.description}  ", style="" if enabled else "dim")
-        text.append("^p palette", style="dim")
+            entries.append((self.app.get_key_display(binding), binding.description, enabled))
+        width = self.size.width - 2 if self.size.width else 1_000
+        full = sum(len(k) + len(d) + 3 for k, d, _ in entries) + len("^p palette")
+        short = full > width
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for key, description, enabled in entries:
+            if short:
+                description = description.split(" ")[0]
+            text.append(key, style="bold" if enabled else "dim")
+            text.append(f" {description}{' ' if short else '  '}", style="" if enabled else "dim")
+        if not short or text.cell_len + len("^p palette") <= width:
+            text.append("^p palette", style="dim")
         self.update(text)

@@ -315,7 +315,7 @@ async def test_screens_are_built_at_start_and_switch_in_one_whole_frame(tmp_path
 
     app._display = record
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.get_screen_stack("dashboard") and app.get_screen_stack("runs"))
+        await wait_until(pilot, lambda: app.mode_screen("dashboard") and app.mode_screen("runs"))
         for key in ("f2", "f3", "f1"):  # the first show of each screen
             await pilot.press(key)
             await pilot.pause()

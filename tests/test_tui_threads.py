@@ -265,7 +265,7 @@ async def test_the_ui_thread_never_calls_oneflow_while_a_run_starts_trains_and_s
     app = TransferLabApp(tiny(tmp_path, epochs=30, limit_train=32))
     calls = OneFlowCalls()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: app.get_screen_stack("dashboard") and app.get_screen_stack("runs"))
+        await wait_until(pilot, lambda: app.mode_screen("dashboard") and app.mode_screen("runs"))
         assert threading.current_thread() is threading.main_thread()  # the app's thread: this one
         sys.setprofile(calls)
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Deque, Iterable, List, Optional, Set
 
 from textual import events, on, work
-from textual.app import App, SystemCommand
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
@@ -27,6 +27,7 @@ from textual.worker import Worker, WorkerState
 
 from core import events as ev
 from core.config import RunConfig
+from tui.compat import InstantSwitchApp
 from tui.dialogs import ChoiceScreen, ConfirmScreen
 
 
@@ -115,11 +116,10 @@ class LiveRun:
     """How the run ended, set by the worker thread (None if it never started or crashed)."""
 
 
-class TransferLabApp(App):
+class TransferLabApp(InstantSwitchApp):
     """Transfer learning with OneFlow: set up a run, watch it train, compare runs."""
 
     TITLE = "TransferLab"
-    _switch_at_once = False
     _last_key = _last_full_gc = 0.0
     CSS_PATH = "app.tcss"
     BINDINGS = [
@@ -167,7 +167,7 @@ class TransferLabApp(App):
         """Build the dashboard and runs screens while the form is shown, so that the first F2/F3
         does not wait for them (and for the CSS they bring, which every screen then reapplies)."""
         for mode in ("dashboard", "runs"):
-            await self._init_mode(mode)
+            await self.build_mode(mode)
         gc.collect()
         gc.freeze()  # what exists now (OneFlow, FlowVision, Textual...) lives as long as the app
         gc.disable()
@@ -191,27 +191,6 @@ class TransferLabApp(App):
     def on_unmount(self) -> None:
         gc.unfreeze()
         gc.enable()
-
-    def switch_mode(self, mode: str):
-        """Switch screens (F1/F2/F3); a screen that exists already appears whole in one frame.
-
-        Textual holds every repaint for 50 ms after a switch (to hide a half-built screen), then
-        draws only the widgets that changed while it was away over what the last screen left on
-        the terminal, and the whole screen only after its styles are refreshed: 60-80 ms per
-        switch here, 200+ ms while training. A screen that exists is complete: skip the hold
-        and draw all of it at once."""
-        stack = self._screen_stacks.get(mode)
-        self._switch_at_once = bool(stack) and mode != self.current_mode
-        if self._switch_at_once:
-            stack[-1]._compositor._dirty_regions.add(self.size.region)
-        try:
-            return super().switch_mode(mode)
-        finally:
-            self._switch_at_once = False
-
-    def delay_update(self, delay: float = 0.05) -> None:
-        if not self._switch_at_once:
-            super().delay_update(delay)
 
     # -- runs -----------------------------------------------------------------------------------
 
@@ -268,10 +247,7 @@ class TransferLabApp(App):
 
     @property
     def dashboard(self):
-        return self.get_screen_stack("dashboard")[0] if self._screen_stacks.get("dashboard") else None
-
-    def get_screen_stack(self, mode: str) -> List[Screen]:
-        return self._screen_stacks.get(mode, [])
+        return self.mode_screen("dashboard")
 
     def _drain_steps(self) -> None:
         if self.live is not None and self.live.bridge.steps and self.dashboard is not None:
@@ -340,14 +316,14 @@ class TransferLabApp(App):
             self.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
 
     def refresh_runs(self) -> None:
-        stack = self.get_screen_stack("runs")
-        if stack:
-            stack[0].reload()
+        runs = self.mode_screen("runs")
+        if runs is not None:
+            runs.reload()
 
     async def edit_config(self, cfg: RunConfig) -> None:
         """Back to the form, filled with `cfg`, to tweak and run again."""
         await self.switch_mode("form")
-        self.get_screen_stack("form")[0].load_config(cfg, note="Loaded the settings of the run: tweak and start again.")
+        self.mode_screen("form").load_config(cfg, note="Loaded the settings of the run: tweak and start again.")
 
     async def action_quit(self) -> None:
         if not self.running:
@@ -382,9 +358,9 @@ class TransferLabApp(App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        form = self.get_screen_stack("form")
-        if not self.running and form and form[0].valid_config() is not None:
-            yield SystemCommand("Start run", "Train with the settings in the form", form[0].action_start)
+        form = self.mode_screen("form")
+        if not self.running and form is not None and form.valid_config() is not None:
+            yield SystemCommand("Start run", "Train with the settings in the form", form.action_start)
         if self.running:
             yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
             yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
@@ -392,13 +368,13 @@ class TransferLabApp(App):
         yield SystemCommand("Open dashboard", "The current or last run", lambda: self.switch_mode("dashboard"))
         yield SystemCommand("Open runs", "All runs, overlay and compare", lambda: self.switch_mode("runs"))
         yield SystemCommand("Compare runs", "Final test accuracy by strategy, vs scratch", self._compare)
-        if form:
-            yield SystemCommand("Save preset", "Write the form's settings to a file", form[0].action_save_preset)
-            yield SystemCommand("Load preset", "Fill the form from a preset file", form[0].action_load_preset)
+        if form is not None:
+            yield SystemCommand("Save preset", "Write the form's settings to a file", form.action_save_preset)
+            yield SystemCommand("Load preset", "Fill the form from a preset file", form.action_load_preset)
 
     async def _compare(self) -> None:
         await self.switch_mode("runs")
-        self.get_screen_stack("runs")[0].action_compare()
+        self.mode_screen("runs").action_compare()
 
 
 def run_app(cfg: RunConfig, explicit: Set[str]) -> int:

@@ -22,7 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 
 from core import events as ev
-from core.cli import fmt_duration
+from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
 from core.store import read_events
 from tui.keybar import KeyBar

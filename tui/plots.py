@@ -17,6 +17,8 @@ from rich.style import Style
 from rich.text import Text
 from textual_plotext import PlotextPlot
 
+from tui.compat import build_plotext_matrix
+
 REDRAW_SECONDS = 0.2
 COLORS = ("cyan", "orange", "green", "magenta", "blue", "red", "yellow", "white")
 
@@ -123,13 +125,9 @@ class TimedPlot(PlotextPlot):
 
     def build_text(self) -> Text:
         """PlotextPlot.render (size, theme, build) without the detour through an ANSI string."""
-        plot, (width, height) = self.plt, self.size
-        plot.plotsize(width, height)
-        plot._set_size(width, height)
-        plot.theme(self._get_plotext_theme_name(self.app.theme))
-        plot._set_sizes()  # plot.build() is these two calls, then the ANSI canvas
-        plot._build_matrix()
-        return matrix_text(plot.monitor.matrix)
+        width, height = self.size
+        theme = self._get_plotext_theme_name(self.app.theme)  # textual-plotext's own mapping
+        return matrix_text(build_plotext_matrix(self.plt, width, height, theme))
 
     def on_mount(self) -> None:
         super().on_mount()

@@ -14,7 +14,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Header, Label, Static
 
 from core import events as ev
-from core.cli import comparison_rows, fmt_acc, newest_per_strategy, run_row
+from core.report import COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy, run_row
 from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
@@ -38,10 +38,7 @@ class CompareScreen(ModalScreen):
         table = self.query_one(DataTable)
         table.add_columns("strategy", "run", "epochs", "final acc", "best acc", "vs scratch", "status")
         for row in comparison_rows(self.runs):
-            diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-            table.add_row(*(escape(cell) for cell in (  # names read from files are not markup
-                row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
-                fmt_acc(row["best_test_acc"]), diff, str(row["status"]))))
+            table.add_row(*map(escape, comparison_cells(row)))  # names read from files are not markup
 
     def action_close(self) -> None:
         self.dismiss()

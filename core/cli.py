@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     train = sub.add_parser("train", help="train one run headless, with a progress bar")
     add_config_flags(train)
+    train.add_argument("--detach", action="store_true",
+                       help="start the run as its own background process (it outlives this terminal; "
+                            "output in RUN/output.log), print its id and return")
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
     runs = sub.add_parser("runs", help="list the runs in the runs folder")
@@ -167,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return EXIT_FAILED
         explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
         return launch_tui(cfg, explicit)
+    if args.detach:
+        return cmd_detach(cfg)
     return cmd_train(cfg)
 
 
@@ -184,8 +189,39 @@ def _console(stderr: bool = False) -> Any:
                    width=None if stream.isatty() else 200)
 
 
+def cmd_detach(cfg: C.RunConfig) -> int:
+    """train --detach: start the run in the background, say which it is, return."""
+    from core.errors import SetupError
+    from core.launch import start_detached
+
+    console, err = _console(), _console(stderr=True)
+    try:
+        with console.status("starting the run in the background (loading data and model)..."):
+            started = start_detached(cfg)
+    except (SetupError, OSError) as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_FAILED
+    if started.exit_code is not None:  # it could not start: its log holds the one-line reason
+        lines = started.log.read_text(encoding="utf-8", errors="replace").splitlines() if started.log.exists() else []
+        reason = [line for line in lines if line.startswith("error:")] or lines[-1:] or ["(no output)"]
+        for line in reason:
+            err.print(line, markup=False)
+        started.log.unlink(missing_ok=True)
+        return started.exit_code or EXIT_FAILED
+    if started.run_dir is None:
+        console.print(f"started in the background (pid {started.pid}); still loading data and model after "
+                      f"a while: its output is in {started.log}", markup=False)
+        return EXIT_OK
+    run_id = started.run_dir.name
+    console.print(f"run {run_id} started in the background (pid {started.pid})", markup=False)
+    console.print(f"  output: {started.log}\n  watch:  transferlab runs --runs-dir {cfg.runs_dir}\n"
+                  f"  stop:   kill -TERM {started.pid}   (stops gracefully, saving a checkpoint)", markup=False)
+    return EXIT_OK
+
+
 def cmd_train(cfg: C.RunConfig) -> int:
     from core.errors import SetupError
+    from core.launch import adopt_log_listener
     from core.trainer import RunControl, prepare, train
 
     console, err = _console(), _console(stderr=True)
@@ -200,9 +236,10 @@ def cmd_train(cfg: C.RunConfig) -> int:
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
     progress = ProgressPrinter(console)
+    listeners = [progress, *filter(None, [adopt_log_listener()])]
     previous = {sig: signal.signal(sig, _stop_handler(control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(cfg, [progress], control, prepared=prepared)
+        result = train(cfg, listeners, control, prepared=prepared)
     except SetupError as exc:  # the run folder could not be created
         err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
         return EXIT_FAILED

@@ -182,3 +182,38 @@ def test_a_second_ctrl_c_aborts_at_once_with_exit_130(tmp_path, when):
     assert not ck.exists() or not [p for p in ck.iterdir() if ".tmp-" in p.name]  # no partial checkpoint
     if when == "writing the checkpoint":
         assert not (ck / "last").exists()  # the abort came before the checkpoint was complete
+
+
+TINY = ["--dataset", "digits", "--pretrained", "none", "--image-size", "16", "--limit-train", "48",
+        "--limit-test", "32", "--batch-size", "16", "--device", "cpu"]
+
+
+def test_detach_starts_the_run_in_its_own_session_and_returns(tmp_path):
+    import os
+    import re
+    import time
+
+    proc = run_cli("train", "--detach", *TINY, "--epochs", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"run (\S+) started in the background \(pid (\d+)\)", proc.stdout)
+    assert match, proc.stdout
+    run_dir, pid = tmp_path / "runs" / match.group(1), int(match.group(2))
+    try:
+        assert os.getsid(pid) == pid != os.getsid(0)  # a session of its own: no terminal to lose
+    except ProcessLookupError:
+        pass  # it already finished
+    deadline = time.monotonic() + 300
+    while json.loads((run_dir / "summary.json").read_text())["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert "completed after 2 epoch(s)" in (run_dir / "output.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run_dir.name]  # no launch leftovers
+
+
+def test_detach_that_cannot_start_says_why_in_one_line(tmp_path):
+    proc = run_cli("train", "--detach", *TINY, "--pretrained", str(tmp_path / "missing"), cwd=tmp_path)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0] and "Traceback" not in proc.stderr
+    assert list((tmp_path / "runs").iterdir()) == []  # no run folder, no launch leftovers

@@ -483,13 +483,17 @@ def tidy_run(path: Path) -> None:
     writes to: checkpoints/last (or best) lost between the two renames of replace_dir comes back
     from last.old; a leftover .old beside a present checkpoint, half-written .last.tmp-* /
     .best.tmp-* folders and .summary.json.* style temporary files are removed. Best effort:
-    what cannot be changed (a read-only runs folder) is left as it is."""
+    what cannot be changed (a read-only runs folder) is left as it is. Links are never followed:
+    a run folder whose folders are links (to anywhere) is left alone, so that tidying can only
+    touch what lies inside the run folder itself."""
     ckpt = path / "checkpoints"
+    if not _real_dir(path) or (os.path.lexists(ckpt) and not _real_dir(ckpt)):
+        return
     for kind in ("last", "best"):
         final, old = ckpt / kind, ckpt / f"{kind}.old"
         try:
-            if old.is_dir() and not old.is_symlink():
-                if final.exists():
+            if _real_dir(old):
+                if os.path.lexists(final):
                     shutil.rmtree(old)
                 else:
                     os.replace(old, final)
@@ -497,18 +501,25 @@ def tidy_run(path: Path) -> None:
             pass
     for folder in (path, ckpt, ckpt / "last", ckpt / "best"):
         try:
-            leftovers = [e for e in folder.iterdir() if _is_leftover(e.name)] \
-                if folder.is_dir() and not folder.is_symlink() else []
+            leftovers = [e for e in folder.iterdir() if _is_leftover(e.name)] if _real_dir(folder) else []
         except OSError:
             continue
         for entry in leftovers:
             try:
-                if entry.is_dir() and not entry.is_symlink():
+                if _real_dir(entry):
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
             except OSError:
                 pass
+
+
+def _real_dir(path: Path) -> bool:
+    """A folder that is not a link (nor reached through one as its last part)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _is_leftover(name: str) -> bool:

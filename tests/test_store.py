@@ -306,6 +306,37 @@ def test_leftovers_of_a_kill_are_recovered_or_removed_when_the_run_is_read(tmp_p
     assert json.loads((kept / "checkpoints" / "last" / "meta.json").read_text()) == {"epoch": 3}
 
 
+@pytest.mark.parametrize("linked", ["checkpoints", "checkpoints/last", "run"])
+def test_tidying_never_follows_a_link_out_of_the_run_folder(tmp_path, linked):
+    """A crafted run folder whose checkpoints (or itself) is a link to elsewhere: listing it must
+    not remove or move anything there."""
+    from core.store import read_run
+
+    run, _ = recorded_runs(tmp_path / "runs")
+    victim = tmp_path / "victim"
+    checkpoint(victim / "last.old", 1)
+    checkpoint(victim / "best", 1)
+    (victim / "last.old" / "IMPORTANT").write_text("keep")
+    (victim / ".summary.json.important").write_text("keep")
+    (victim / "best" / ".last.tmp-1").mkdir()
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    if linked == "run":
+        shutil.rmtree(run)
+        shutil.copytree(RECORDED / run.name, victim / "inner")
+        (victim / "inner" / "checkpoints").mkdir()
+        checkpoint(victim / "inner" / "checkpoints" / "last.old", 1)
+        before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+        run.symlink_to(victim / "inner")
+    elif linked == "checkpoints":
+        (run / "checkpoints").symlink_to(victim)
+    else:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last").symlink_to(victim)
+    list_runs(tmp_path / "runs")
+    read_run(run)
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+
+
 def test_a_kill_between_the_renames_of_a_checkpoint_loses_nothing(tmp_path, monkeypatch):
     (run,) = recorded_runs(tmp_path / "runs")[:1]
     ck = run / "checkpoints"

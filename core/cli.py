@@ -12,8 +12,11 @@ import sys
 import shlex
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
+from rich.markup import escape
+
 from core import config as C
 from core import events as ev
+from core.errors import printable
 from core.report import (COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy,
                          run_row)
 
@@ -161,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
         cfg = config_from_args(args)
     except UsageError as exc:
         for problem in exc.problems:
-            err.print(f"[red]error:[/red] {problem}", markup=True)
+            err.print(f"[red]error:[/red] {escape(printable(problem))}", markup=True)
         err.print("run [bold]transferlab COMMAND --help[/bold] for the flags")
         return EXIT_USAGE
     if args.command == "tui":
@@ -219,6 +222,12 @@ def cmd_detach(cfg: C.RunConfig) -> int:
     return EXIT_OK
 
 
+def print_setup_error(err: Any, exc: Any) -> None:
+    """A SetupError's problems, one line each, with nothing in them read as markup."""
+    for line in exc.lines():
+        err.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
+
+
 def cmd_train(cfg: C.RunConfig) -> int:
     from core.errors import SetupError
     from core.launch import adopt_log_listener
@@ -230,7 +239,7 @@ def cmd_train(cfg: C.RunConfig) -> int:
         try:
             prepared = prepare(cfg)
         except SetupError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+            print_setup_error(err, exc)
             return EXIT_FAILED
         except KeyboardInterrupt:
             err.print("interrupted before training started; nothing was written")
@@ -241,7 +250,7 @@ def cmd_train(cfg: C.RunConfig) -> int:
     try:
         result = train(cfg, listeners, control, prepared=prepared)
     except SetupError as exc:  # the run folder could not be created
-        err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        print_setup_error(err, exc)
         return EXIT_FAILED
     finally:
         progress.close()
@@ -289,13 +298,13 @@ class ProgressPrinter:
 
             cfg = event.config
             self.epochs = cfg["epochs"]
-            c.print(f"[bold]run {event.run_id}[/bold]  {cfg['strategy']} {cfg['backbone']} on "
-                    f"{cfg['dataset']} ({event.train_size} train / {event.test_size} test images, "
-                    f"{event.num_classes} classes) on {event.device}")
+            c.print(f"[bold]run {escape(event.run_id)}[/bold]  " + escape(
+                    f"{cfg['strategy']} {cfg['backbone']} on {cfg['dataset']} ({event.train_size} train / "
+                    f"{event.test_size} test images, {event.num_classes} classes) on {event.device}"))
             c.print(f"trainable parameters {event.trainable_params:,} of {event.total_params:,}; "
-                    f"folder {event.run_dir}")
+                    f"folder {event.run_dir}", markup=False)
             for note in event.notes:
-                c.print(f"[yellow]note:[/yellow] {note}")
+                c.print(f"[yellow]note:[/yellow] {escape(note)}")
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
                 MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),

@@ -6,6 +6,11 @@ traceback. Anything else that escapes is a bug, reported as such.
 """
 from __future__ import annotations
 
+import re
+
+MAX_LINE = 300
+"""Longest message line shown: text quoted from a file (a key, a name) can be any length."""
+
 
 class SetupError(RuntimeError):
     """A run cannot start (bad setting, missing or unsafe file, unusable device or folder).
@@ -15,3 +20,15 @@ class SetupError(RuntimeError):
     def __init__(self, message: str = "", problems: "list[str] | None" = None):
         self.problems = list(problems) if problems is not None else ([message] if message else [])
         super().__init__(message if problems is None else "\n".join(self.problems))
+
+    def lines(self) -> "list[str]":
+        """The problems as lines fit to show: each on one line, control characters replaced, long
+        quotes cut (the text may come from a crafted file)."""
+        return [printable(p) for p in self.problems] or [printable(str(self))]
+
+
+def printable(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line: newlines and other control characters as spaces, at most `limit`
+    characters (then "...")."""
+    flat = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    return flat if len(flat) <= limit else flat[:limit] + "..."

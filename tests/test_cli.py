@@ -70,6 +70,7 @@ def test_unknown_flag_and_missing_data_are_clear(tmp_path):
     (["train", "--lr", "-1e-3"], "--lr must be a positive number, got -0.001"),
     (["train", "--seed", str(2**63)], "--seed must be between 0 and 4294967295"),
     (["train", "--runs-dir", "a\x00b"], "--runs-dir must not contain a NUL character"),
+    (["train", "--dataset", "[/x]"], "got '[/x]'"),  # text from the user is never read as markup
 ])
 def test_bad_values_get_one_line_and_exit_2(argv, message, capsys):
     from core import cli
@@ -217,3 +218,14 @@ def test_detach_that_cannot_start_says_why_in_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not exist" in errors[0] and "Traceback" not in proc.stderr
     assert list((tmp_path / "runs").iterdir()) == []  # no run folder, no launch leftovers
+
+
+def test_a_setup_error_quoting_markup_or_newlines_is_one_plain_line(tmp_path, capsys):
+    from core import cli
+
+    code = cli.main(["train", *TINY, "--runs-dir", str(tmp_path / "runs"),
+                     "--pretrained", str(tmp_path / "[/x]\nsecond line")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "libibverbs" not in line]
+    assert code == cli.EXIT_FAILED and len(lines) == 1, err
+    assert "[/x] second line" in lines[0] and "does not exist" in lines[0]

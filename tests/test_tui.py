@@ -583,3 +583,29 @@ async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
         assert not isinstance(app.screen, ChoiceScreen) and app.running
         app.live.control.request_abort()
         await app.workers.wait_for_complete()
+
+
+async def test_text_in_square_brackets_is_shown_as_typed_never_read_as_markup(tmp_path, monkeypatch):
+    """"[/x]" in a field, a preset or an error once ended the app (MarkupError)."""
+    from textual.content import Content
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text('lr = "[/x]"\n')
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-data_root", Input).value = "[/x]"
+        await pilot.pause()
+        assert app.is_running and "--data-root'[/x]'" in squash(str(form.query_one("#command").render()))
+        form.query_one("#f-epochs", Input).value = "[b]two[/b]"
+        await pilot.pause()
+        assert "got '[b]two[/b]'" in str(form.query_one("#problems").render())
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        app.screen.query_one("#path", Input).value = "m.toml"
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.is_running and any("got '[/x]'" in str(n.message) for n in app._notifications)
+        for n in app._notifications:  # each toast's text as Textual's Toast.render makes it
+            assert "[/x]" in str(Content.from_markup(n.message) if n.markup else Content(n.message))

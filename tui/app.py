@@ -192,6 +192,13 @@ class TransferLabApp(InstantSwitchApp):
         gc.unfreeze()
         gc.enable()
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout=None,
+               markup: bool = False) -> None:
+        """Textual's notify (also what screens' and widgets' notify call), always without markup:
+        messages quote paths, values and names from files, which must show as they are (a "[/x]"
+        in one once ended the app)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
     # -- runs -----------------------------------------------------------------------------------
 
     @property

@@ -124,7 +124,7 @@ class DashboardScreen(Screen):
         self.query_one("#step-bar", ProgressBar).update(total=None, progress=0)
         self.query_one("#summary", Static).update(
             f"[b]starting[/b] {cfg.strategy} {cfg.backbone} on {cfg.dataset}: loading data and model...")
-        self.log_line(f"Starting {cfg.strategy} on {cfg.dataset} ({cfg.epochs} epochs, lr {cfg.lr:g}).")
+        self.log_line(escape(f"Starting {cfg.strategy} on {cfg.dataset} ({cfg.epochs} epochs, lr {cfg.lr:g})."))
 
     def could_not_start(self, error: str) -> None:
         self.status = "not started"
@@ -171,16 +171,16 @@ class DashboardScreen(Screen):
             self.epochs = self.cfg.epochs
             c = self.cfg
             lrs = f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if c.strategy == "discriminative" else "")
-            self.query_one("#summary", Static).update(
-                f"[b]{c.strategy}[/b] · {c.backbone} ({c.pretrained}) · {c.dataset} "
+            self.query_one("#summary", Static).update(  # names and paths from settings: never markup
+                f"[b]{c.strategy}[/b] · {escape(f'{c.backbone} ({c.pretrained}) · {c.dataset}')} "
                 f"{event.train_size}/{event.test_size} · {c.image_size}px · {lrs} · batch {c.batch_size}\n"
-                f"[b]{event.device}[/b] · trainable {event.trainable_params:,}/{event.total_params:,} · "
-                f"{event.run_dir}")
+                f"[b]{escape(event.device)}[/b] · trainable {event.trainable_params:,}/{event.total_params:,} · "
+                f"{escape(event.run_dir)}")
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs, progress=0)
             self.query_one("#step-bar", ProgressBar).update(total=event.steps_per_epoch, progress=0)
             for note in event.notes:
-                self.log_line(f"[yellow]note:[/yellow] {note}")
-            self.log_line(f"Run {event.run_id} started on {event.device}.")
+                self.log_line(f"[yellow]note:[/yellow] {escape(note)}")
+            self.log_line(escape(f"Run {event.run_id} started on {event.device}."))
             self.refresh_bindings()
         elif isinstance(event, ev.EpochEnded):
             self.results.append(event)

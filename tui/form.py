@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -107,10 +108,10 @@ class FormScreen(Screen):
         strategy = self.query_one("#f-strategy", Select).value
         self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
         self._show("#strategy-help", f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
-        self._show("#problems", "\n".join(f"[red]✗[/red] {p}" for p in problems) if problems
+        self._show("#problems", "\n".join(f"[red]✗[/red] {escape(p)}" for p in problems) if problems
                    else "[green]✓ ready to start[/green]")
-        self._show("#notes", "\n".join(f"[yellow]•[/yellow] {n}" for n in self.notes))
-        self._show("#command", "" if problems else f"[dim]same run headless:[/dim]\n{command_line(self.cfg)}")
+        self._show("#notes", "\n".join(f"[yellow]•[/yellow] {escape(n)}" for n in self.notes))
+        self._show("#command", "" if problems else f"[dim]same run headless:[/dim]\n{escape(command_line(self.cfg))}")
         self.query_one("#start", Button).disabled = bool(problems)
         if not problems:
             self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
@@ -137,7 +138,7 @@ class FormScreen(Screen):
             text = (f"trainable parameters [b]{trainable:,}[/b] of {total:,} "
                     f"({100 * trainable / total:.1f}%)" + ("" if classes else " (class count unknown)"))
         except Exception as exc:
-            text = f"parameter count unavailable: {exc}"
+            text = escape(f"parameter count unavailable: {exc}")
         self.app.call_from_thread(self.query_one("#params", Static).update, text)
 
     # -- actions ----------------------------------------------------------------------------------

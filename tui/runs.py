@@ -125,9 +125,9 @@ class RunsScreen(Screen):
 
     def _update_hint(self) -> None:
         self.query_one("#runs-hint", Static).update(
-            f"{len(self.runs)} run(s) in {self.app.runs_dir} · space: select to overlay ({len(self.selected)} "
+            f"{len(self.runs)} run(s) in {escape(str(self.app.runs_dir))} · space: select to overlay ({len(self.selected)} "
             f"selected) · enter: open · c: compare · e: edit & rerun" if self.runs else
-            f"No runs in {self.app.runs_dir} yet: start one from the form (F1, then ctrl+r).")
+            f"No runs in {escape(str(self.app.runs_dir))} yet: start one from the form (F1, then ctrl+r).")
 
     def current(self) -> RunRecord | None:
         table = self.query_one(DataTable)

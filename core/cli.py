@@ -65,7 +65,9 @@ def config_from_args(args: argparse.Namespace, base: Optional[C.RunConfig] = Non
     problem."""
     problems: List[str] = []
     cfg = base or C.RunConfig()
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) == "":
+        problems.append("--config needs the path of a .toml or .json file")
+    elif getattr(args, "config", None):
         try:
             cfg = C.load(args.config, cfg)
         except C.ConfigError as exc:

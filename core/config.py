@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from core.errors import SetupError
+from core.files import is_regular_file
 
 STRATEGIES = {
     "finetune": "Train every layer from the pretrained weights with one learning rate.",
@@ -231,10 +232,13 @@ def load(path: str | Path, base: Optional[RunConfig] = None) -> RunConfig:
     path = Path(path)
     kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
     try:
+        path.stat()  # a missing file: the OSError below names it
+        if not is_regular_file(path):  # a FIFO would block the read, /dev/zero never end it
+            raise ConfigError([f"{path} is not a regular file"])
         if path.stat().st_size > MAX_PRESET_BYTES:
             raise ConfigError([f"{path} is {path.stat().st_size:,} bytes: not a settings file "
                                f"(presets are a few hundred bytes)"])
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark some editors write
     except OSError as exc:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from core.errors import SetupError
+from core.files import is_regular_file, too_large
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,6 +146,10 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _read_cifar_pickle(path: Path, keys: Sequence[str]) -> Dict[str, Any]:
     """The dict in a CIFAR python-format file, with str keys, holding at least `keys`."""
+    if not is_regular_file(path):  # a FIFO would block the read, /dev/zero never end it
+        raise DataError(f"CIFAR-10 file {path} is not a regular file")
+    if too_large(path, MAX_CIFAR_FILE):
+        raise DataError(f"CIFAR-10 file {path} is larger than any CIFAR-10 batch ({MAX_CIFAR_FILE >> 20} MB)")
     try:
         entry = _CifarUnpickler(path.read_bytes(), path).load()
     except (DataError, OSError):
@@ -168,9 +173,10 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path} is not a CIFAR-10 batch: data is {shape}, expected N x 3072 uint8")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
+    # a flat list of ints, checked before numpy sees it (a pickle can nest one list in itself)
+    if isinstance(labels, list) and len(labels) == len(data) and all(type(v) is int for v in labels):
+        labels = np.asarray(labels, dtype=np.int64) if all(0 <= v <= 9 for v in labels) else None
+    elif not (isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1):
         labels = None
     if labels is None or labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
         raise DataError(f"{path} is not a CIFAR-10 batch: it needs {len(data)} labels from 0 to 9")
@@ -185,13 +191,30 @@ def _read_cifar_classes(path: Path) -> List[str]:
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
+MAX_CIFAR_FILE = 64 << 20
+"""A CIFAR-10 batch is 30 MB."""
+MAX_TAR_MEMBERS = 1000
+MAX_TAR_BYTES = 1 << 30
+"""CIFAR-10's archive has 8 members that unpack to 178 MB; anything far beyond is refused unread."""
+
+
 def safe_extract_tar(archive: Path, root: Path) -> None:
     """Extract `archive` into `root`, refusing (DataError, before anything is written) members with
     an absolute path or `..`, links and device files. Python's own `filter="data"` (PEP 706) is
     used as well where it exists; the explicit check holds on Pythons without it."""
     root = root.resolve()
+    if not is_regular_file(archive):
+        raise DataError(f"{archive} is not a regular file")
     with tarfile.open(archive) as tar:
-        members = tar.getmembers()
+        members = []
+        for m in tar:  # counted as they are read: a small archive can list millions of members
+            members.append(m)
+            if len(members) > MAX_TAR_MEMBERS or sum(x.size for x in members[-1:]) > MAX_TAR_BYTES:
+                raise DataError(f"refused to extract {archive}: more than {MAX_TAR_MEMBERS} members or a "
+                                f"member over {MAX_TAR_BYTES >> 20} MB: it is not CIFAR-10's archive")
+        if sum(m.size for m in members) > MAX_TAR_BYTES:
+            raise DataError(f"refused to extract {archive}: it unpacks to more than {MAX_TAR_BYTES >> 20} MB, "
+                            f"CIFAR-10's to 178 MB")
         for m in members:
             inside = (root / m.name).resolve()
             if m.name.startswith("/") or ".." in Path(m.name).parts or not inside.is_relative_to(root):
@@ -287,6 +310,8 @@ def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
         files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
             if (folder / name).is_dir() else []
         for path in files:
+            if not is_regular_file(path):  # a FIFO would block the read, a device never end it
+                raise DataError(f"cannot read image {path}: not a regular file")
             images.append(_read_image(path, size))
             labels.append(index)
     if not images:

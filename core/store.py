@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 from core import events as ev
 from core.config import RunConfig, from_mapping, validate
 from core.errors import SetupError
+from core.files import is_regular_file, lines
 
 MIN_FREE_BYTES = 50 * 2 ** 20
 """A run does not start in a runs folder with less free space than this (a ResNet-18 checkpoint
@@ -378,25 +379,17 @@ class RunRecord:
         return read_events(self.path)
 
 
-def _is_file(path: Path) -> bool:
-    """True for a regular file (not a folder, FIFO or device, which could block a read)."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 def read_events(run_dir: str | Path) -> List[ev.Event]:
     """Every well-formed event recorded in a run's metrics.jsonl. A line that is not a valid
     event (torn by a kill, bytes that are not UTF-8, wrong types...) is skipped, so every
     event returned can be plotted and formatted."""
     out: List[ev.Event] = []
     path = Path(run_dir) / "metrics.jsonl"
-    if not _is_file(path):
+    if not is_regular_file(path):
         return out
     try:
         with open(path, "rb") as f:
-            for line in f:
+            for line in lines(f):
                 try:
                     out.append(ev.from_record(json.loads(line.decode("utf-8"))))
                 except (ValueError, RecursionError):
@@ -410,7 +403,7 @@ def _load_json(path: Path) -> Any:
     """The JSON in a small regular file; ValueError saying what is wrong otherwise."""
     if not path.exists():
         raise ValueError(f"{path.name} is missing")
-    if not _is_file(path):
+    if not is_regular_file(path):
         raise ValueError(f"{path.name} is not a regular file")
     try:
         with open(path, "rb") as f:

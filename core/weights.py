@@ -27,12 +27,13 @@ import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from core.backend import flow
 from core.errors import SetupError
+from core.files import too_large
 from core.store import atomic_write_json
 
 MODEL_FILE = "model.safetensors"
@@ -40,6 +41,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
 OPTIMIZER_KEY = "transferlab.optimizer"
 """Key of the safetensors metadata entry holding the optimizer state's JSON skeleton."""
+MAX_WEIGHTS_BYTES = 1 << 30
+"""A weights file (or one tensor of a flow.save folder) larger than this is refused: the biggest
+backbone here (ResNet-50) with its optimizer state is ~200 MB, and a crafted sparse file of
+any size would otherwise be read into memory whole."""
+MAX_PICKLED_ITEMS = 1_000_000
+"""At most this many items in the structure a flow.save pickle unfolds to (ResNet-50: ~1,000)."""
 ACCEPTED = ("a .safetensors file, a TransferLab checkpoint folder, or a folder saved with OneFlow's "
             "flow.save")
 
@@ -237,20 +244,29 @@ def _read_variable(folder: Path, entry: str) -> "flow.Tensor":
     dtype = np.dtype(dtype_util.convert_oneflow_dtype_to_numpy_dtype(
         dtype_util.convert_proto_dtype_to_oneflow_dtype(info.data_type)))
     out = _regular_file_inside(var, "out")
+    if too_large(out, MAX_WEIGHTS_BYTES):
+        raise ValueError(f"{out} holds more than {MAX_WEIGHTS_BYTES >> 20} MB: not a tensor of these models")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if out.stat().st_size != expected:
         raise ValueError(f"{out} has {out.stat().st_size} bytes, its meta says {expected}")
     return flow.from_numpy(np.fromfile(out, dtype=dtype).reshape(shape))
 
 
-def _resolve(value: Any, folder: Path) -> Any:
-    """Replace every tensor record in an unpickled structure by the tensor read from `folder`."""
+def _resolve(value: Any, folder: Path, budget: Optional[List[int]] = None) -> Any:
+    """Replace every tensor record in an unpickled structure by the tensor read from `folder`.
+
+    A pickle can make a small file unfold into a huge structure (a list that holds the same
+    list a thousand times, a thousand levels down): at most MAX_PICKLED_ITEMS items are visited."""
+    budget = [MAX_PICKLED_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"it holds more than {MAX_PICKLED_ITEMS:,} items: not a state dict")
     if isinstance(value, _TensorRef):
         return _read_variable(folder, value.entry)
     if isinstance(value, dict):
-        return type(value)((k, _resolve(v, folder)) for k, v in value.items())
+        return type(value)((k, _resolve(v, folder, budget)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v, folder) for v in value)
+        return type(value)(_resolve(v, folder, budget) for v in value)
     return value
 
 
@@ -309,11 +325,16 @@ def read_state_dict(path: str | Path) -> Dict[str, "flow.Tensor"]:
     if not path.exists():
         raise WeightsError(f"pretrained weights file {path} does not exist")
     if path.is_file():
+        if too_large(path, MAX_WEIGHTS_BYTES):
+            raise WeightsError(f"{path} holds more than {MAX_WEIGHTS_BYTES >> 20} MB: not weights of the "
+                               f"backbones TransferLab builds")
         if path.suffix == ".safetensors":
             return check_state_dict(_state_from_arrays(_read_safetensors(path)[0]), path)
         kind = " (it looks like a PyTorch torch.save file: convert it with safetensors.torch.save_file)" \
             if zipfile.is_zipfile(path) else ""
         raise WeightsError(f"{path} is not a weights file TransferLab reads{kind}; accepted: {ACCEPTED}")
+    if not path.is_dir():  # a FIFO would block the read, a device never end it
+        raise WeightsError(f"{path} is neither a regular file nor a folder; accepted: {ACCEPTED}")
     if (path / MODEL_FILE).is_file() or (path / "model").is_dir():
         return load_checkpoint(path, with_optimizer=False)[0]
     if (path / "pickled_data").exists() or (path / "snapshot_done").exists():

@@ -507,3 +507,89 @@ def test_model_builds_and_parameter_counts_never_overlap(monkeypatch):
         t.join(timeout=120)
     suggest._param_counts.cache_clear()
     assert peak[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# files that would hang the reader or fill the memory
+
+
+def nested_bomb(depth=6, width=100):
+    """A pickle of a few KB that unfolds to width**depth items (each level is one list repeated)."""
+    value = [0] * width
+    for _ in range(depth - 1):
+        value = [value] * width
+    return value
+
+
+def test_a_pickle_that_unfolds_into_a_huge_structure_is_refused_at_once(tmp_path):
+    import time
+
+    folder = crafted_state_folder(tmp_path / "bomb", nested_bomb())
+    assert (folder / "pickled_data").stat().st_size < 10_000
+    start = time.monotonic()
+    with pytest.raises(W.WeightsError, match="more than 1,000,000 items"):
+        W.read_state_dict(folder)
+    assert time.monotonic() - start < 10
+
+
+def test_cifar_labels_that_unfold_into_a_huge_structure_are_refused_at_once(tmp_path):
+    import time
+
+    write_cifar(tmp_path)
+    bomb = {"data": np.zeros((2, 3072), np.uint8), "labels": nested_bomb(depth=5, width=1000)}
+    (tmp_path / D.CIFAR10_FOLDER / "data_batch_1").write_bytes(pickle.dumps(bomb, protocol=2))
+    start = time.monotonic()
+    with pytest.raises(D.DataError, match="needs 2 labels from 0 to 9"):
+        D.load_dataset("cifar10", str(tmp_path), 16)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("what", ["many members", "huge member"])
+def test_a_tar_bomb_is_refused_before_anything_is_extracted(tmp_path, monkeypatch, what):
+    monkeypatch.setattr(D, "MAX_TAR_MEMBERS", 20)
+    monkeypatch.setattr(D, "MAX_TAR_BYTES", 1 << 20)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        if what == "many members":
+            for i in range(30):
+                add_bytes(tar, f"{D.CIFAR10_FOLDER}/junk{i}")
+        else:
+            add_bytes(tar, f"{D.CIFAR10_FOLDER}/junk", b"\0" * (2 << 20))
+    with pytest.raises(D.DataError, match="refused to extract .*: (more than 20 members|it unpacks to more)"):
+        D.load_dataset("cifar10", str(tmp_path), 16)
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_refused_not_read(tmp_path, kind):
+    """Opening a FIFO blocks until someone writes to it; /dev/zero never ends: neither is read."""
+    import os
+
+    from core import config as C
+
+    def special(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+        return path
+
+    with pytest.raises(C.ConfigError, match="is not a regular file"):
+        C.load(special(tmp_path / "preset.toml"))
+    with pytest.raises(W.WeightsError, match="neither a regular file nor a folder"):
+        W.read_state_dict(special(tmp_path / "w.safetensors"))
+    write_cifar(tmp_path / "c")
+    (tmp_path / "c" / D.CIFAR10_FOLDER / "data_batch_3").unlink()
+    special(tmp_path / "c" / D.CIFAR10_FOLDER / "data_batch_3")
+    with pytest.raises(D.DataError, match="data_batch_3 is not a regular file"):
+        D.load_dataset("cifar10", str(tmp_path / "c"), 16)
+    root = write_imagefolder(tmp_path / "i", 8)
+    special(root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "z.png")
+    with pytest.raises(D.DataError, match="z.png: not a regular file"):
+        D.load_dataset(f"imagefolder:{root}", "", 8)
+
+
+def test_weights_larger_than_any_backbone_are_refused_unread(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+
+    monkeypatch.setattr(W, "MAX_WEIGHTS_BYTES", 1000)
+    save_file({"w": np.zeros(1000, np.float32)}, str(tmp_path / "big.safetensors"))
+    with pytest.raises(W.WeightsError, match="holds more than"):
+        W.read_state_dict(tmp_path / "big.safetensors")

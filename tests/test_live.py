@@ -1,0 +1,234 @@
+"""Live runs seen and steered from outside their process: heartbeat.json, control.json (core.live),
+`transferlab stop`, and running vs interrupted in read_run."""
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, transferlab_cmd
+from core import cli, live
+from core.store import read_run
+from test_cli import Training
+
+RECORDED = Path(__file__).parent / "data" / "runs"
+
+
+def running_run(tmp_path, pid=None, heartbeat=None):
+    """A copy of a recorded run whose summary says "running" (written by `pid`, default this
+    process), with `heartbeat` (a dict, merged over this process's identity) as heartbeat.json."""
+    src = sorted(RECORDED.iterdir())[0]
+    run = tmp_path / "runs" / src.name
+    shutil.copytree(src, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(status="running", pid=os.getpid() if pid is None else pid)
+    (run / "summary.json").write_text(json.dumps(summary))
+    if heartbeat is not None:
+        (run / live.HEARTBEAT_FILE).write_text(json.dumps({**live.identity(), "updated": time.time(), **heartbeat}))
+    return run
+
+
+def dead_pid():
+    """A pid that no process has now: a child that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def status(run):
+    return read_run(run).summary["status"]
+
+
+# ---------------------------------------------------------------------------------------------
+# running or interrupted
+
+
+def test_a_fresh_heartbeat_of_this_process_reads_running(tmp_path):
+    assert status(running_run(tmp_path, heartbeat={})) == "running"
+
+
+def test_pid_reuse_reads_interrupted(tmp_path):
+    """The heartbeat's pid exists (it is ours) but started at another time: another process."""
+    ticks = live.start_ticks(os.getpid())
+    assert ticks is not None
+    run = running_run(tmp_path, heartbeat={"start_ticks": ticks + 1})
+    assert status(run) == "interrupted"
+
+
+def test_a_stale_heartbeat_of_a_live_process_reads_interrupted(tmp_path):
+    """The process lives but its training thread stopped beating (a hung or crashed worker)."""
+    run = running_run(tmp_path, heartbeat={"updated": time.time() - live.STALE_SECONDS - 1})
+    assert status(run) == "interrupted"
+
+
+def test_another_host_is_judged_by_freshness_alone(tmp_path):
+    # a stale heartbeat from another host, whose pid happens to be alive here: interrupted
+    stale = running_run(tmp_path / "a", heartbeat={"host": "elsewhere", "boot_id": "other-boot",
+                                                    "updated": time.time() - live.STALE_SECONDS - 1})
+    assert status(stale) == "interrupted"
+    # a fresh heartbeat from another host, whose pid does not exist here: running
+    fresh = running_run(tmp_path / "b", pid=dead_pid(), heartbeat={"host": "elsewhere", "pid": dead_pid(),
+                                                                   "boot_id": "other-boot"})
+    assert status(fresh) == "running"
+
+
+def test_same_host_after_a_reboot_reads_interrupted(tmp_path):
+    run = running_run(tmp_path, heartbeat={"boot_id": "an-earlier-boot"})
+    assert status(run) == "interrupted"
+
+
+def test_a_stalled_host_is_not_tidied_until_surely_gone(tmp_path):
+    """Interrupted, but its half-written checkpoint stays while the other host could still write it."""
+    run = running_run(tmp_path, heartbeat={"host": "elsewhere", "updated": time.time() - live.STALE_SECONDS - 1})
+    partial = run / "checkpoints" / ".last.tmp-1"
+    partial.mkdir(parents=True)
+    assert status(run) == "interrupted" and partial.is_dir()
+    beat = json.loads((run / live.HEARTBEAT_FILE).read_text())
+    beat["updated"] = time.time() - live.GONE_SECONDS - 1
+    (run / live.HEARTBEAT_FILE).write_text(json.dumps(beat))
+    assert status(run) == "interrupted" and not partial.exists()
+
+
+def test_without_heartbeat_the_pid_decides(tmp_path):
+    assert status(running_run(tmp_path / "a")) == "running"
+    assert status(running_run(tmp_path / "b", pid=dead_pid())) == "interrupted"
+
+
+@pytest.mark.parametrize("text", ["[]", "{", '{"pid": "1", "host": "x", "updated": 1}', "\xff", "{}" + " " * 70000])
+def test_a_malformed_heartbeat_is_ignored(tmp_path, text):
+    run = running_run(tmp_path)
+    (run / live.HEARTBEAT_FILE).write_text(text, encoding="latin-1")
+    assert live.read_heartbeat(run) is None
+    assert status(run) == "running"  # the pid check, as for a run without heartbeat
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's side, in process
+
+
+class Control:
+    def __init__(self):
+        self.stopping = self.aborting = False
+
+    def request_stop(self):
+        self.stopping = True
+
+    def request_abort(self):
+        self.aborting = True
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_live_run_beats_obeys_requests_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(live, "CONTROL_POLL_SECONDS", 0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / live.CONTROL_FILE).write_text(json.dumps({"action": "abort", "requested": time.time() - 60}))
+    control = Control()
+    watcher = live.LiveRun(control)
+    watcher.start(run)
+    first = live.read_heartbeat(run)
+    assert first is not None and first.pid == os.getpid()
+    assert wait_until(lambda: live.read_heartbeat(run).updated > first.updated)
+    time.sleep(0.2)
+    assert not control.aborting  # a request older than the run is not for it
+    live.request(run, "stop")
+    assert wait_until(lambda: control.stopping) and not control.aborting
+    live.request(run, "abort")
+    assert wait_until(lambda: control.aborting)
+    watcher.stop()
+    assert not (run / live.HEARTBEAT_FILE).exists() and not (run / live.CONTROL_FILE).exists()
+
+
+def test_the_heartbeat_stops_with_the_training_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(live, "CONTROL_POLL_SECONDS", 0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    watcher = live.LiveRun(Control())
+    trainer = threading.Thread(target=watcher.start, args=(run,))
+    trainer.start()
+    trainer.join()  # the training thread died without a RunFinished
+    assert wait_until(lambda: not watcher._thread.is_alive(), timeout=2)
+    before = live.read_heartbeat(run).updated
+    time.sleep(0.3)
+    assert live.read_heartbeat(run).updated == before
+
+
+# ---------------------------------------------------------------------------------------------
+# transferlab stop
+
+
+def test_stop_refuses_unknown_and_finished_runs_in_one_line(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(RECORDED, runs)
+    assert cli.main(["stop", "no-such", "--runs-dir", str(runs)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"error: no run 'no-such' in {runs}"
+    assert cli.main(["stop", "scratch", "--runs-dir", str(runs)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == "error: run 20261129-054241-scratch-digits is not running (status: completed)"
+    assert not list(runs.glob("*/control.json"))
+
+
+def test_stop_of_a_run_that_does_not_end_says_so_and_leaves_the_request(tmp_path, capsys):
+    run = running_run(tmp_path, heartbeat={})
+    code = cli.main(["stop", run.name, "--abort", "--wait", "0.5", "--runs-dir", str(run.parent)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == cli.EXIT_FAILED and f"run {run.name} has not ended after 0.5 s; the request stays" in err
+    assert json.loads((run / live.CONTROL_FILE).read_text())["action"] == "abort"
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([*transferlab_cmd(), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("abort", [False, True])
+def test_stop_from_another_process_ends_the_run(tmp_path, abort):
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    run = t.run_dir()
+    listing = run_cli("runs", cwd=tmp_path)
+    assert f"{run.name} " in listing.stdout and " running " in listing.stdout, listing.stdout
+    asked = time.monotonic()
+    stop = run_cli("stop", run.name[-12:], *(["--abort"] if abort else []), cwd=tmp_path)
+    code, summary, out = t.finish()
+    took = time.monotonic() - asked
+    steps = sum('"StepEnded"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    print(f"stop{' --abort' if abort else ''}: run ended {took:.2f} s after the command started "
+          f"(the command itself {stop.stdout.split(' after ')[-1].split(':')[0].strip()}; {steps} steps done)")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    if abort:
+        assert code == 130 and summary["status"] == "aborted" and "aborted on request" in stop.stdout, out
+    else:
+        assert code == 3 and summary["status"] == "stopped" and "stopped on request" in stop.stdout, out
+        assert (run / "checkpoints" / "last" / "meta.json").exists()
+    assert not (run / live.HEARTBEAT_FILE).exists() and not (run / live.CONTROL_FILE).exists()
+    assert "Traceback" not in out + stop.stderr
+
+
+def test_a_killed_run_reads_interrupted(tmp_path):
+    import signal
+
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    run = t.run_dir()
+    assert (run / live.HEARTBEAT_FILE).exists()
+    assert " running " in run_cli("runs", cwd=tmp_path).stdout
+    t.signal(signal.SIGKILL)
+    t.proc.wait(timeout=30)
+    listing = run_cli("runs", cwd=tmp_path).stdout
+    assert " interrupted " in listing and " running " not in listing, listing
+    stop = run_cli("stop", run.name, cwd=tmp_path)
+    assert stop.returncode == 2 and stop.stderr.strip() == f"error: run {run.name} is not running (status: interrupted)"

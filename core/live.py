@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from core import events as ev
 
@@ -265,3 +266,61 @@ class LiveRun:
             self.control.request_abort()
         elif action == "stop" and not self.control.stopping:
             self.control.request_stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Following a run's metrics as they are written
+
+
+FOLLOW_CHUNK = 4 * 2 ** 20
+"""At most this many bytes are read per call of MetricsFollower.read (a long run catches up in a
+few calls, each parsed in well under a second)."""
+MAX_LINE = 2 ** 20
+"""A line longer than this is no event (they take ~200 bytes): skipped without being held whole."""
+
+
+class MetricsFollower:
+    """Reads the events a run appends to its metrics.jsonl, a little at a time, from where the
+    last read stopped (an offset: what was read is never read again).
+
+    A last line without its newline is a line being written (or torn by a kill): it waits for the
+    next read. A line that is not a valid event is skipped, as read_events does (one longer than
+    MAX_LINE without ever being held whole). A file that shrank (replaced) is read again from its
+    start."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.offset = 0
+        self._partial = b""
+        self._skipping = False
+        self.behind = False
+        """More was written than the last read took (FOLLOW_CHUNK): read again at once."""
+
+    def read(self) -> List[ev.Event]:
+        """The complete events written since the last call (possibly none)."""
+        try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or device would block or never end
+                return []
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.offset:
+                    self.offset, self._partial, self._skipping = 0, b"", False
+                f.seek(self.offset)
+                data = f.read(FOLLOW_CHUNK)
+        except (OSError, ValueError):
+            return []
+        self.offset += len(data)
+        self.behind = size > self.offset
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if self._skipping and lines:
+            lines[0], self._skipping = b"", False  # the end of an overlong line
+        if len(self._partial) > MAX_LINE:  # not an event line: never held in memory whole
+            self._partial, self._skipping = b"", True
+        out: List[ev.Event] = []
+        for line in lines:
+            try:
+                out.append(ev.from_record(json.loads(line.decode("utf-8"))))
+            except (ValueError, RecursionError):
+                continue
+        return out

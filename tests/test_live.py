@@ -232,3 +232,139 @@ def test_a_killed_run_reads_interrupted(tmp_path):
     assert " interrupted " in listing and " running " not in listing, listing
     stop = run_cli("stop", run.name, cwd=tmp_path)
     assert stop.returncode == 2 and stop.stderr.strip() == f"error: run {run.name} is not running (status: interrupted)"
+
+
+# ---------------------------------------------------------------------------------------------
+# following metrics.jsonl as it grows
+
+
+def step_line(n):
+    from core import events as ev
+
+    return json.dumps(ev.to_record(ev.StepEnded(1, n, n, 1.0 / n, {"all": 0.1}, 100.0))) + "\n"
+
+
+def test_the_follower_reads_only_what_is_new_and_waits_for_a_line_being_written(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    follower = live.MetricsFollower(tmp_path)
+    assert follower.read() == []  # no file yet
+    metrics.write_text(step_line(1) + step_line(2))
+    assert [e.step for e in follower.read()] == [1, 2]
+    assert follower.read() == []
+    third = step_line(3)
+    with open(metrics, "a") as f:
+        f.write(third[:20])  # a line being written
+        f.flush()
+        assert follower.read() == []
+        f.write(third[20:] + "not json\n" + step_line(4))
+    assert [e.step for e in follower.read()] == [3, 4]
+    with open(metrics, "a") as f:  # a line torn by a kill, then the writer's fresh line
+        f.write(step_line(5)[:30] + "\n" + step_line(6))
+    assert [e.step for e in follower.read()] == [6]
+
+
+def test_the_follower_skips_an_endless_line_without_holding_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(live, "FOLLOW_CHUNK", 1000)
+    monkeypatch.setattr(live, "MAX_LINE", 3000)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(step_line(1) + "x" * 10_000 + "\n" + step_line(2))
+    follower, seen = live.MetricsFollower(tmp_path), []
+    for _ in range(20):
+        seen += follower.read()
+        assert len(follower._partial) <= 3000 + 1000
+    assert [e.step for e in seen] == [1, 2] and not follower.behind
+
+
+def test_the_follower_refuses_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    assert live.MetricsFollower(tmp_path).read() == []  # and returns: a FIFO would block an open
+
+
+# ---------------------------------------------------------------------------------------------
+# the app attaches to a run of another process
+
+
+async def pilot_wait(pilot, condition, timeout=60.0):
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await pilot.pause(0.02)
+
+
+def row_status(screen, run_id):
+    table = screen.query_one("#runs-table")
+    return str(table.get_row(run_id)[7])
+
+
+async def test_the_runs_screen_attaches_to_a_run_training_elsewhere_and_stops_it(tmp_path):
+    """A real `transferlab train` in another process: enter on the runs screen follows it live,
+    `s` stops it through its folder (the process exits 3), the dashboard sees it end."""
+    from core.config import RunConfig
+    from tui.app import TransferLabApp
+    from tui.dashboard import DashboardScreen
+    from tui.plots import LossPlot
+    from tui.runs import RunsScreen
+
+    t = Training(tmp_path)
+    t.wait_for_a_step()
+    run = t.run_dir()
+    app = TransferLabApp(RunConfig(runs_dir=str(tmp_path / "runs")))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.press("f3")
+        await pilot_wait(pilot, lambda: isinstance(app.screen, RunsScreen))
+        assert row_status(app.screen, run.name) == "running"
+        pressed = time.monotonic()
+        await pilot.press("enter")
+        await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        dash = app.screen
+        plot = dash.query_one(LossPlot)
+        await pilot_wait(pilot, lambda: plot.points() > 0)
+        print(f"attach: {1000 * (time.monotonic() - pressed):.0f} ms from enter to the first plotted point")
+        assert dash.follow and dash.status == "running" and dash.sub_title == "run (attached)"
+        seen = plot.points()
+        await pilot_wait(pilot, lambda: plot.points() > seen)  # it follows the file as it grows
+        assert "ETA" in str(dash.query_one("#stats").render())
+        await pilot.press("s")
+        await pilot_wait(pilot, lambda: dash.status == "stopped")
+        assert not dash.check_action("stop", ())
+        code, summary, out = t.finish()
+        assert code == 3 and summary["status"] == "stopped", out
+        await pilot.press("escape")
+        await pilot_wait(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await pilot_wait(pilot, lambda: row_status(app.screen, run.name) == "stopped", timeout=10)
+
+
+async def test_an_attached_run_that_dies_is_seen_interrupted_and_abort_asks_first(tmp_path, monkeypatch):
+    from core import events as ev
+    from core.config import RunConfig
+    from tui.app import TransferLabApp
+    from tui.dashboard import DashboardScreen
+    from tui.dialogs import ConfirmScreen
+    from tui.plots import LossPlot
+
+    run = running_run(tmp_path, heartbeat={})
+    cfg = RunConfig(dataset="digits", epochs=2)
+    started = ev.RunStarted(run.name, str(run), cfg.to_dict(), "cpu", 10, 10, 10, 100, 10, 20)
+    (run / "metrics.jsonl").write_text(json.dumps(ev.to_record(started)) + "\n" + step_line(1) + step_line(2))
+    app = TransferLabApp(RunConfig(runs_dir=str(tmp_path / "runs")))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.pause()
+        app.push_screen(DashboardScreen(live=False, run_dir=run, follow=True))
+        await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await pilot.pause()
+        dash = app.screen
+        await pilot_wait(pilot, lambda: dash.query_one(LossPlot).points() == 2)
+        await pilot.press("a")
+        await pilot_wait(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await pilot_wait(pilot, lambda: (run / live.CONTROL_FILE).exists())
+        assert live.read_request(run) == "abort"
+        beat = json.loads((run / live.HEARTBEAT_FILE).read_text())
+        beat["updated"] -= live.STALE_SECONDS + 1  # the process stopped beating without a last line
+        (run / live.HEARTBEAT_FILE).write_text(json.dumps(beat))
+        await pilot_wait(pilot, lambda: dash.status == "interrupted", timeout=10)
+        log = "".join("".join(line.text for line in dash.query_one("#log").lines).split())
+        assert "interrupted:therunnolongertrains" in log
+        assert not dash.check_action("abort", ())

@@ -39,6 +39,17 @@ def dead_pid():
     return proc.pid
 
 
+@pytest.fixture
+def training(tmp_path):
+    """A `transferlab train` subprocess (test_cli.Training), killed if a test leaves it running."""
+    started = []
+    yield lambda: started.append(Training(tmp_path)) or started[-1]
+    for t in started:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait(timeout=30)
+
+
 def status(run):
     return read_run(run).summary["status"]
 
@@ -195,8 +206,8 @@ def run_cli(*args, cwd):
 
 
 @pytest.mark.parametrize("abort", [False, True])
-def test_stop_from_another_process_ends_the_run(tmp_path, abort):
-    t = Training(tmp_path)
+def test_stop_from_another_process_ends_the_run(tmp_path, training, abort):
+    t = training()
     t.wait_for_a_step()
     run = t.run_dir()
     listing = run_cli("runs", cwd=tmp_path)
@@ -218,10 +229,10 @@ def test_stop_from_another_process_ends_the_run(tmp_path, abort):
     assert "Traceback" not in out + stop.stderr
 
 
-def test_a_killed_run_reads_interrupted(tmp_path):
+def test_a_killed_run_reads_interrupted(tmp_path, training):
     import signal
 
-    t = Training(tmp_path)
+    t = training()
     t.wait_for_a_step()
     run = t.run_dir()
     assert (run / live.HEARTBEAT_FILE).exists()
@@ -298,7 +309,7 @@ def row_status(screen, run_id):
     return str(table.get_row(run_id)[7])
 
 
-async def test_the_runs_screen_attaches_to_a_run_training_elsewhere_and_stops_it(tmp_path):
+async def test_the_runs_screen_attaches_to_a_run_training_elsewhere_and_stops_it(tmp_path, training):
     """A real `transferlab train` in another process: enter on the runs screen follows it live,
     `s` stops it through its folder (the process exits 3), the dashboard sees it end."""
     from core.config import RunConfig
@@ -307,7 +318,7 @@ async def test_the_runs_screen_attaches_to_a_run_training_elsewhere_and_stops_it
     from tui.plots import LossPlot
     from tui.runs import RunsScreen
 
-    t = Training(tmp_path)
+    t = training()
     t.wait_for_a_step()
     run = t.run_dir()
     app = TransferLabApp(RunConfig(runs_dir=str(tmp_path / "runs")))
@@ -368,3 +379,24 @@ async def test_an_attached_run_that_dies_is_seen_interrupted_and_abort_asks_firs
         log = "".join("".join(line.text for line in dash.query_one("#log").lines).split())
         assert "interrupted:therunnolongertrains" in log
         assert not dash.check_action("abort", ())
+
+
+async def test_the_runs_screen_sees_a_run_die_without_a_key(tmp_path):
+    """A process that dies changes no file; the runs screen, while shown, still sees its heartbeat
+    go stale and shows the run interrupted."""
+    from core.config import RunConfig
+    from tui.app import TransferLabApp
+    from tui.runs import RunsScreen
+
+    run = running_run(tmp_path, heartbeat={})
+    app = TransferLabApp(RunConfig(runs_dir=str(tmp_path / "runs")))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.press("f3")
+        await pilot_wait(pilot, lambda: isinstance(app.screen, RunsScreen))
+        await pilot.pause()
+        assert row_status(app.screen, run.name) == "running"
+        beat = json.loads((run / live.HEARTBEAT_FILE).read_text())
+        old = beat["updated"] - live.STALE_SECONDS - 1
+        (run / live.HEARTBEAT_FILE).write_text(json.dumps({**beat, "updated": old}))
+        os.utime(run / live.HEARTBEAT_FILE, (old, old))
+        await pilot_wait(pilot, lambda: row_status(app.screen, run.name) == "interrupted", timeout=10)

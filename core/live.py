@@ -7,9 +7,9 @@ runs/<run id>/
                   written by anyone (`request`), acted on by the trainer at its next step, removed
                   when the run ends
 
-`LiveRun` is the trainer's side (a core listener); `is_running` is what `core.store.read_run`
-asks to tell a running run from an interrupted one; `request` is what `transferlab stop` and the
-app's keys call. Works across processes, and across hosts sharing the runs folder (hosts then need
+`LiveRun` is the trainer's side (a core listener); `judge` is what `core.store.read_run` asks to
+tell a running run from an interrupted one; `request` is what `transferlab stop` and the app's
+keys call; `MetricsFollower` reads a growing metrics.jsonl for a dashboard attached to the run. Works across processes, and across hosts sharing the runs folder (hosts then need
 synchronised clocks, as NFS itself does: freshness compares another host's `updated` with ours).
 """
 from __future__ import annotations
@@ -157,10 +157,6 @@ def judge(run_dir: str | Path, pid: Any, now: Optional[float] = None) -> tuple:
         return age < STALE_SECONDS, age >= GONE_SECONDS
     gone = where == "rebooted" or _process_gone(beat)
     return age < STALE_SECONDS and not gone, gone
-
-
-def is_running(run_dir: str | Path, pid: Any) -> bool:
-    return judge(run_dir, pid)[0]
 
 
 # ---------------------------------------------------------------------------------------------

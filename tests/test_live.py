@@ -364,6 +364,16 @@ async def test_an_attached_run_that_dies_is_seen_interrupted_and_abort_asks_firs
         await pilot.pause()
         app.push_screen(DashboardScreen(live=False, run_dir=run, follow=True))
         await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        reads, real_read = [], live.MetricsFollower.read
+        monkeypatch.setattr(live.MetricsFollower, "read", lambda self: reads.append(1) or real_read(self))
+        await pilot_wait(pilot, lambda: len(reads) > 2)
+        await pilot.press("escape")  # leaving the screen ends its follower thread
+        await pilot.pause(0.5)
+        count = len(reads)
+        await pilot.pause(1.0)
+        assert len(reads) == count
+        app.push_screen(DashboardScreen(live=False, run_dir=run, follow=True))
+        await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
         await pilot.pause()
         dash = app.screen
         await pilot_wait(pilot, lambda: dash.query_one(LossPlot).points() == 2)

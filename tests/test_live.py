@@ -410,3 +410,17 @@ async def test_the_runs_screen_sees_a_run_die_without_a_key(tmp_path):
         (run / live.HEARTBEAT_FILE).write_text(json.dumps({**beat, "updated": old}))
         os.utime(run / live.HEARTBEAT_FILE, (old, old))
         await pilot_wait(pilot, lambda: row_status(app.screen, run.name) == "interrupted", timeout=10)
+
+
+def test_stop_that_cannot_write_its_request_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    run = running_run(tmp_path, heartbeat={})
+
+    def refused(path, text):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("core.store.atomic_write_text", refused)
+    assert cli.main(["stop", run.name, "--runs-dir", str(run.parent)]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write the request in {run}: Read-only file system"

@@ -19,11 +19,18 @@ from core.errors import SetupError
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # oneflow's glog warnings would draw over the TUI
 
-# core/__init__.py (run before this module) has preloaded the CUDA libraries where needed.
-import oneflow as flow  # noqa: E402
-
-if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+# While oneflow is imported, Ctrl-C and SIGTERM wait (blocked): oneflow installs its own SIGINT
+# handler part way, and a Ctrl-C then ended the process with status 255 and no word. The threads
+# oneflow starts inherit the block, so these signals always reach the main thread afterwards.
+_MAIN = threading.current_thread() is threading.main_thread()
+_held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if _MAIN else None
+try:
+    # core/__init__.py (run before this module) has preloaded the CUDA libraries where needed.
+    import oneflow as flow  # noqa: E402
+finally:
+    if _MAIN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, _held)  # a Ctrl-C that waited arrives now
 
 
 class DeviceError(SetupError):

@@ -1,4 +1,4 @@
-"""The headless command line: `transferlab train | runs | compare | tui`.
+"""The headless command line: `transferlab train | runs | compare | stop | tui`.
 
 Flags are built from the RunConfig fields (core.config), like the TUI's form. Invalid flags or
 values print one line per problem and exit with code 2; no traceback reaches the user.
@@ -6,6 +6,7 @@ values print one line per problem and exit with code 2; no traceback reaches the
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import signal
 import sys
@@ -23,6 +24,9 @@ from core.report import (COMPARISON_COLUMNS, comparison_cells, comparison_rows, 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
 EXIT_CODES = {ev.COMPLETED: EXIT_OK, ev.STOPPED: EXIT_STOPPED, ev.ABORTED: EXIT_ABORTED,
               ev.FAILED: EXIT_FAILED}
+
+STOP_WAIT_SECONDS = 60.0
+"""How long `transferlab stop` waits for the run to end (a step rarely takes more)."""
 
 TuiLauncher = Callable[[C.RunConfig, Set[str]], int]
 """Opens the TUI with a pre-filled config and the names of the fields the user gave explicitly."""
@@ -112,7 +116,7 @@ NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
 def attach_negative_values(argv: List[str]) -> List[str]:
     """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: argparse takes "-1e-3" for an option and would say
     "expected one argument"; joined, the value reaches validation, which explains what is wrong."""
-    value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir"}
+    value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir", "--wait"}
     out: List[str] = []
     i = 0
     while i < len(argv):
@@ -123,6 +127,17 @@ def attach_negative_values(argv: List[str]) -> List[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def _seconds(text: str) -> float:
+    """A --wait value: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0 or more), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="*", metavar="RUN",
                          help="run ids (or unique parts of them); default: the newest run of each strategy")
     compare.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    stop = sub.add_parser("stop", help="stop a running run (from any terminal or host sharing its folder)",
+                          description="Ask a running run to stop after its current step, saving a "
+                          "checkpoint (status stopped), or with --abort to end at once (status aborted); "
+                          "then wait until it has. Exit 0 when it ended as asked, 1 when it did not "
+                          "(the request stays), 2 for a run that is unknown or not running.")
+    stop.add_argument("run", metavar="RUN", help="run id, a unique part of one, or the run's folder")
+    stop.add_argument("--abort", action="store_true", help="end at once, without a checkpoint")
+    stop.add_argument("--wait", type=_seconds, default=STOP_WAIT_SECONDS, metavar="SECONDS",
+                      help=f"how long to wait for the run to end (default: {STOP_WAIT_SECONDS:g})")
+    stop.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
     return parser
 
 
@@ -163,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return cmd_runs(args.runs_dir)
         if args.command == "compare":
             return cmd_compare(args.runs_dir, args.runs)
+        if args.command == "stop":
+            return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
         cfg = config_from_args(args)
     except UsageError as exc:
         for problem in exc.problems:
@@ -230,15 +257,28 @@ def print_setup_error(err: Any, exc: Any) -> None:
         err.print(f"[red]error:[/red] {escape(line)}", markup=True, soft_wrap=True)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_train(cfg: C.RunConfig) -> int:
     from core.errors import SetupError
-    from core.launch import adopt_log_listener
-    from core.trainer import RunControl, prepare, train
 
     console, err = _console(), _console(stderr=True)
-    control = RunControl()
+    signal.signal(signal.SIGTERM, _interrupt)  # before training: nothing to save, end at once
+    # Ctrl-C and SIGTERM wait while the spinner's thread starts and oneflow is imported: the
+    # kernel hands a signal to any thread that does not block it, and one reaching the spinner
+    # thread mid-import met oneflow's own handler (exit 255, no word). Threads started now keep
+    # them blocked; the main thread takes a waiting one as soon as the import is done.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     with console.status("loading data and model..."):
         try:
+            try:
+                from core.launch import adopt_log_listener
+                from core.trainer import RunControl, prepare, train
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            control = RunControl()
             prepared = prepare(cfg)
         except SetupError as exc:
             print_setup_error(err, exc)
@@ -394,6 +434,55 @@ def cmd_compare(runs_dir: str, refs: List[str]) -> int:
         if row["reason"]:
             console.print(f"unreadable: {row['run']}: {row['reason']}", markup=False)
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# stop
+
+
+def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
+    """Write the run's control request, then wait (a spinner line) until its summary no longer
+    says "running", and say how it ended."""
+    import time
+
+    from core import live
+    from core.store import error_reason, find_run, read_run
+
+    console, err = _console(), _console(stderr=True)
+    try:
+        path = find_run(runs_dir, ref)
+    except LookupError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_USAGE
+    run = read_run(path)
+    status = run.summary["status"]
+    if status != "running":
+        err.print(f"error: run {run.run_id} is not running (status: {status})", markup=False)
+        return EXIT_USAGE
+    try:
+        live.request(path, action)
+    except OSError as exc:
+        err.print(f"error: cannot write the request in {path}: {error_reason(exc)}", markup=False)
+        return EXIT_FAILED
+    wanted = ev.STOPPED if action == "stop" else ev.ABORTED
+    asked = time.monotonic()
+    try:
+        with console.status(f"asked run {run.run_id} to {action}; waiting for it to end..."):
+            while status == "running" and time.monotonic() - asked < wait:
+                time.sleep(0.1)
+                run = read_run(path)
+                status = run.summary["status"]
+    except KeyboardInterrupt:
+        err.print(f"no longer waiting; the request stays in {path / live.CONTROL_FILE}", markup=False)
+        return EXIT_ABORTED
+    if status == "running":
+        err.print(f"run {run.run_id} has not ended after {wait:g} s; the request stays in "
+                  f"{path / live.CONTROL_FILE} and the run acts on it after its current step", markup=False)
+        return EXIT_FAILED
+    message = run.summary["message"]
+    line = f"run {run.run_id} {status} after {time.monotonic() - asked:.1f} s" + (f": {message}" if message else "")
+    console.print(line, style=ev.STATUS_COLOURS.get(status, "red"), markup=False)
+    return EXIT_OK if status == wanted else EXIT_FAILED
 
 
 if __name__ == "__main__":

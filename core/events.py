@@ -5,6 +5,7 @@ TUI's bridge are all listeners.
 """
 from __future__ import annotations
 
+import json
 import math
 import reprlib
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -80,6 +81,15 @@ EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, 
 def to_record(event: Event) -> Dict[str, Any]:
     """A JSON-ready dict with the event's type under "event"."""
     return {"event": type(event).__name__, **asdict(event)}
+
+
+def from_line(line: bytes) -> Optional[Event]:
+    """The event on one line of metrics.jsonl, or None when the line is not a well-formed event
+    (torn by a kill, not UTF-8, not JSON, wrong types...)."""
+    try:
+        return from_record(json.loads(line.decode("utf-8")))
+    except (ValueError, RecursionError):
+        return None
 
 
 def from_record(record: Any) -> Event:

@@ -6,6 +6,7 @@ runs/<run id>/
   summary.json    status, best and final test accuracy, duration, parameter counts
   checkpoints/last, checkpoints/best   model.safetensors, optimizer.safetensors, meta.json (core.weights)
   error.txt       the traceback, when the run failed on an unexpected exception
+  heartbeat.json, control.json   while the run trains: who trains it, and requests to it (core.live)
 
 Faults: every byte the store writes goes through `write_bytes` (one place to inject a full disk in
 tests). A write that fails ends the run "failed" with a message naming the file and the reason;
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from core import events as ev
+from core import live
 from core.config import RunConfig, from_mapping, validate
 from core.errors import SetupError
 from core.files import is_regular_file, lines
@@ -389,11 +391,7 @@ def read_events(run_dir: str | Path) -> List[ev.Event]:
         return out
     try:
         with open(path, "rb") as f:
-            for line in lines(f):
-                try:
-                    out.append(ev.from_record(json.loads(line.decode("utf-8"))))
-                except (ValueError, RecursionError):
-                    continue
+            out.extend(e for e in map(ev.from_line, lines(f)) if e is not None)
     except OSError:
         pass
     return out
@@ -449,8 +447,9 @@ def _read_summary(path: Path) -> Dict[str, Any]:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """A run folder's config and summary, checked. A run killed mid-way reads as status
-    "interrupted" (and its leftovers are tidied); a run whose files make no sense reads as
+    """A run folder's config and summary, checked. A run killed mid-way (process gone, or its
+    heartbeat stale: core.live.judge) reads as status "interrupted" (and its leftovers are tidied
+    once its process is surely gone); a run whose files make no sense reads as
     "unreadable", with the reasons in `problems`. Never raises."""
     path = Path(run_dir)
     problems: List[str] = []
@@ -462,11 +461,13 @@ def read_run(run_dir: str | Path) -> RunRecord:
         summary = _read_summary(path)
     except ValueError as exc:
         summary, problems = dict.fromkeys(SUMMARY_FIELDS), problems + [str(exc)]
+    gone = True
     if problems:
         summary["status"] = UNREADABLE  # left untidied: it may be a run whose files are being created
-    elif summary["status"] == "running" and not _alive(summary["pid"]):
-        summary["status"] = "interrupted"
-    if summary["status"] not in ("running", UNREADABLE):
+    elif summary["status"] == "running":
+        running, gone = live.judge(path, summary["pid"])
+        summary["status"] = "running" if running else "interrupted"
+    if summary["status"] not in ("running", UNREADABLE) and gone:
         tidy_run(path)
     return RunRecord(path, cfg, summary, problems)
 
@@ -520,20 +521,8 @@ def _is_leftover(name: str) -> bool:
     written) or .<file>.<random> (atomic_write_text's temporary files)."""
     if name.startswith((".last.tmp-", ".best.tmp-")):
         return True
-    return any(name.startswith(f".{base}.") for base in ("summary.json", "config.json", "meta.json", "error.txt"))
-
-
-def _alive(pid: Any) -> bool:
-    """True when process `pid` (the one that wrote a "running" summary) still exists."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return any(name.startswith(f".{base}.") for base in ("summary.json", "config.json", "meta.json", "error.txt",
+                                                   "heartbeat.json", "control.json"))
 
 
 def list_runs(runs_dir: str | Path) -> List[RunRecord]:

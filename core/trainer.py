@@ -16,6 +16,7 @@ from core import events as ev
 from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.data import ArrayData, BatchTransform, batches, load_dataset
+from core.live import LiveRun
 from core.models import WeightsError, build_model
 from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason,
                         replace_dir, tidy_run)
@@ -143,8 +144,10 @@ def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Option
     (including an unexpected exception) ends in a RunFinished event and a readable run folder.
     """
     p = prepared or prepare(cfg)
+    control = control or RunControl()
+    live = LiveRun(control)  # heartbeat.json and control.json: the run seen and steered from outside
     writer = RunWriter(p.cfg)
-    return Trainer(p, writer, [writer, *listeners], control or RunControl()).run()
+    return Trainer(p, writer, [writer, live, *listeners], control).run()
 
 
 @dataclass

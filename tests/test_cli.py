@@ -229,3 +229,22 @@ def test_a_setup_error_quoting_markup_or_newlines_is_one_plain_line(tmp_path, ca
     lines = [line for line in err.splitlines() if line.strip() and "libibverbs" not in line]
     assert code == cli.EXIT_FAILED and len(lines) == 1, err
     assert "[/x] second line" in lines[0] and "does not exist" in lines[0]
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
+def test_ctrl_c_while_starting_up_ends_with_one_line(tmp_path, delay):
+    """A Ctrl-C while Python, oneflow and the data load once gave a traceback or, reaching the
+    spinner's thread during oneflow's import, exit 255 with no word."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([*transferlab_cmd(), "train", *TINY, "--limit-train", "1000", "--epochs", "3"],
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert "Traceback" not in out + err and "Error" not in err, err
+    if proc.returncode == 130:  # still starting up (on a slow machine training may have begun: exit 3)
+        assert "interrupted" in err
+    else:
+        assert proc.returncode == 3, (proc.returncode, err)

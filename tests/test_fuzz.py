@@ -105,14 +105,14 @@ def test_preset_files_with_byte_mutations(tmp_path, presets, suffix, ops):
     config_or_problems(C.load, path)
 
 
-value_flags = [cli.flag(n) for n in C.FIELDS if C.field_type(n) is not bool] + ["--config", "--runs-dir"]
+value_flags = [cli.flag(n) for n in C.FIELDS if C.field_type(n) is not bool] + ["--config", "--runs-dir", "--wait"]
 bool_flags = [cli.flag(n) for n in C.FIELDS if C.field_type(n) is bool]
 tokens = st.one_of(st.sampled_from(value_flags + bool_flags + ["--no-hflip", "--", "-", "--lr=", "-x"]),
                    texts, numbers.map(str), st.sampled_from(["-1", "-1e-3", "-.5", "1e999", "nan", "-inf"]))
 
 
 @FUZZ
-@given(st.sampled_from(["train", "tui", "runs", "compare", "bogus", "--epochs"]), st.lists(tokens, max_size=8))
+@given(st.sampled_from(["train", "tui", "runs", "compare", "stop", "bogus", "--epochs"]), st.lists(tokens, max_size=8))
 def test_command_lines(tmp_path, monkeypatch, capsys, command, args):
     """Through core.cli.main; training and the app are replaced by recorders (the flags are the point)."""
     counted("command lines")

@@ -14,7 +14,11 @@ def launch(cfg, explicit: Set[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from core.cli import main as cli_main
 
-    return cli_main(argv, launch_tui=launch)
+    try:
+        return cli_main(argv, launch_tui=launch)
+    except KeyboardInterrupt:  # Ctrl-C before a command set up its own handling
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The run dashboard: live plots, progress with ETA, learning rates, images/s and a log.
 
+The same screen attaches to a run trained by another process (`DashboardScreen(run_dir=...,
+follow=True)`): a thread worker follows its metrics.jsonl as it grows (core.live.MetricsFollower)
+and posts what is new; `s` / `a` write a control request in its folder (core.live.request).
+
 The same screen replays a finished run: from its folder (`DashboardScreen(run_dir=...)`, whose
 metrics.jsonl is read and parsed in a thread, never on the UI thread: 20,000 steps take ~0.2 s),
 or from events already in memory (`DashboardScreen(events=...)`). Either way the events are
@@ -14,6 +18,7 @@ from typing import Iterable, List, Optional
 
 from rich.markup import escape
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -25,8 +30,16 @@ from core import events as ev
 from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
 from core.store import read_events
+from tui.dialogs import ConfirmScreen
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
+
+
+FOLLOW_SECONDS = 0.25
+"""An attached run's metrics.jsonl is read this often (a read of what is new costs ~0.1 ms)."""
+FOLLOW_STATUS_SECONDS = 2.0
+"""An attached run's status (summary, heartbeat) is checked this often: a run killed without a
+RunFinished line is seen to end."""
 
 
 class DashboardScreen(Screen):
@@ -40,6 +53,14 @@ class DashboardScreen(Screen):
         Binding("escape", "back", "Back", show=False),
     ]
 
+    class Followed(Message):
+        """New events of an attached run (read off the UI thread); `ended`: the status of a run
+        that no longer trains (it ended, or its process is gone), else ""."""
+
+        def __init__(self, events: List[ev.Event], first: bool, started: Optional[float], ended: str) -> None:
+            super().__init__()
+            self.events, self.first, self.started, self.ended = events, first, started, ended
+
     class EventsRead(Message):
         """A replayed run's events, read off the UI thread (or why they could not be read)."""
 
@@ -49,11 +70,13 @@ class DashboardScreen(Screen):
             self.error = error
 
     def __init__(self, events: Iterable[ev.Event] = (), live: bool = True,
-                 run_dir: Optional[Path] = None) -> None:
+                 run_dir: Optional[Path] = None, follow: bool = False) -> None:
         super().__init__()
         self.replay = list(events)
         self.run_dir = run_dir
         self.live = live and not self.replay and run_dir is None
+        self.follow = follow and run_dir is not None
+        """Attached to a run trained by another process."""
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -83,11 +106,14 @@ class DashboardScreen(Screen):
         yield KeyBar()
 
     def on_mount(self) -> None:
-        self.sub_title = "dashboard" if self.live else "run (replay)"
+        self.sub_title = "dashboard" if self.live else "run (attached)" if self.follow else "run (replay)"
         if self.run_dir is not None:
             self.query_one("#summary", Static).update(f"loading {escape(str(self.run_dir))}...")
             self.query_one(LossPlot).set_note("loading...")
-            self._read_events(self.run_dir)
+            if self.follow:
+                self._follow(self.run_dir)
+            else:
+                self._read_events(self.run_dir)
         self.apply_all(self.replay)
         self.set_interval(1.0, self._update_stats)
 
@@ -99,6 +125,51 @@ class DashboardScreen(Screen):
             self.post_message(self.EventsRead([], f"{type(exc).__name__}: {exc}"))
             return
         self.post_message(self.EventsRead(events))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="follow")
+    def _follow(self, run_dir: Path) -> None:
+        """Post the run's new events every FOLLOW_SECONDS until it no longer trains or the screen
+        goes (the worker is cancelled); its status is checked every FOLLOW_STATUS_SECONDS."""
+        from core.live import MetricsFollower
+        from core.store import read_run
+
+        worker = get_current_worker()
+        follower = MetricsFollower(run_dir)
+        started = read_run(run_dir).summary["started"]
+        first, checked = True, time.monotonic()
+        while not worker.is_cancelled:
+            events, ended = follower.read(), ""
+            finished = [e for e in events if isinstance(e, ev.RunFinished)]
+            if finished:
+                ended = finished[-1].status
+            elif time.monotonic() - checked >= FOLLOW_STATUS_SECONDS and not follower.behind:
+                checked = time.monotonic()
+                status = read_run(run_dir).summary["status"]
+                events += follower.read()  # what it wrote before it ended
+                ended = "" if status == "running" else status
+            if events or first or ended:
+                self.post_message(self.Followed(events, first, started, ended))
+            first = False
+            if ended:
+                return
+            if not follower.behind:
+                worker.cancelled_event.wait(FOLLOW_SECONDS)
+
+    @on(Followed)
+    def _followed(self, message: Followed) -> None:
+        if message.first:
+            self.query_one(LossPlot).set_note("")
+        self.apply_all(message.events)
+        if message.first and message.started is not None:
+            self.t0 = time.monotonic() - max(0.0, time.time() - message.started)  # ETA over the whole run
+        if message.ended and self.status == "running":  # gone without a RunFinished line
+            self.status = message.ended
+            self.refresh_bindings()
+            self.log_line(f"[b red]{escape(message.ended)}[/b red]: the run no longer trains "
+                          "(its process is gone or stopped beating)")
+            self._update_stats()
+        if message.first:
+            self.query_one(LossPlot).redraw_now()
 
     @on(EventsRead)
     def _events_read(self, message: EventsRead) -> None:
@@ -223,16 +294,43 @@ class DashboardScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
         if action in ("stop", "abort"):
+            if self.follow:
+                return self.status == "running"
             return self.live and getattr(self.app, "running", False)
         if action == "edit":
             return self.cfg is not None
         return True
 
     def action_stop(self) -> None:
-        self.app.stop_run()
+        if self.follow:
+            self._request("stop")
+            self.notify("Asked the run to stop after its current step; a checkpoint will be saved.")
+        else:
+            self.app.stop_run()
 
     def action_abort(self) -> None:
-        self.app.abort_run()
+        if not self.follow:
+            self.app.abort_run()
+            return
+
+        def confirmed(yes: Optional[bool]) -> None:
+            if yes and self.status == "running":
+                self._request("abort")
+                self.notify("Asked the run to abort.", severity="warning")
+
+        self.app.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
+
+    @work(thread=True, exit_on_error=False, group="request")
+    def _request(self, action: str) -> None:
+        """Write the attached run's control request (a file write: never on the UI thread)."""
+        from core.live import request
+        from core.store import error_reason
+
+        try:
+            request(self.run_dir, action)
+        except OSError as exc:
+            self.app.call_from_thread(self.notify, f"cannot ask the run to {action}: {error_reason(exc)}",
+                                      severity="error")
 
     async def action_edit(self) -> None:
         if self.cfg is not None:

@@ -1,6 +1,7 @@
 """All runs in the runs folder: a table, overlaid curves of the selected runs, a comparison."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -15,9 +16,15 @@ from textual.widgets import DataTable, Header, Label, Static
 
 from core import events as ev
 from core.report import COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy, run_row
+from core.live import HEARTBEAT_FILE, STALE_SECONDS
 from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
+
+
+WATCH_SECONDS = 2.0
+"""While the runs screen is shown, its folder is looked at this often (a stat per run) and the
+table rebuilt only when something changed."""
 
 
 class CompareScreen(ModalScreen):
@@ -80,23 +87,35 @@ class RunsScreen(Screen):
         for label in ("run", "strategy", "dataset", "lr", "epochs", "best acc", "status", "time"):
             table.add_column(label, key=label)
         self.reload()
+        self.set_interval(WATCH_SECONDS, self._watch)
 
     def on_screen_resume(self) -> None:
         self.reload(only_if_changed=True)
 
+    def _watch(self) -> None:
+        """While shown, follow runs of other processes starting, ending or dying."""
+        if self.is_current:
+            self.reload(only_if_changed=True)
+
     def _signature(self) -> tuple:
-        """Which run folders exist and when their summaries last changed."""
+        """Which run folders exist, when their summaries last changed, and whether their
+        heartbeats are fresh (a run whose process died changes no file: only time tells)."""
         try:
             root = Path(self.app.runs_dir).expanduser()
             entries = sorted(root.iterdir()) if root.is_dir() else []
         except (OSError, RuntimeError):  # RuntimeError: ~user without a home
             return ()
-        out = []
+        out, now = [], time.time()
         for path in entries:
             try:
-                out.append((path.name, (path / "summary.json").stat().st_mtime_ns))
+                changed = (path / "summary.json").stat().st_mtime_ns
             except OSError:
                 continue
+            try:
+                beat = "fresh" if now - (path / HEARTBEAT_FILE).stat().st_mtime < STALE_SECONDS else "stale"
+            except OSError:
+                beat = "none"
+            out.append((path.name, changed, beat))
         return tuple(out)
 
     def reload(self, only_if_changed: bool = False) -> None:
@@ -225,11 +244,19 @@ class RunsScreen(Screen):
         loss.set_note(f"loading {waiting} run(s)..." if waiting else "")
 
     def action_open(self) -> None:
+        """Open the run under the cursor: this app's own live run on the dashboard (F2), a run
+        trained elsewhere attached (followed as it grows), any other one replayed."""
         from tui.dashboard import DashboardScreen
 
         run = self.readable_current()
-        if run is not None:
-            self.app.push_screen(DashboardScreen(live=False, run_dir=run.path))
+        if run is None:
+            return
+        own = getattr(self.app, "live", None)
+        if own is not None and own.run_id == run.run_id and self.app.running:
+            self.app.switch_mode("dashboard")
+            return
+        following = run.summary["status"] == "running"
+        self.app.push_screen(DashboardScreen(live=False, run_dir=run.path, follow=following))
 
     @on(DataTable.RowSelected)
     def _row_selected(self) -> None:

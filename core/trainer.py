@@ -142,7 +142,7 @@ RESUME_FIELDS = {"epoch": "int", "step": "int", "global_step": "int", "epochs_do
                  "epoch_correct": "int"}
 """The "resume" record of a checkpoint's meta.json and its types: where the run continues
 (`step` batches of `epoch` done), the numpy generator state at the start of that epoch (its data
-order is drawn from it) and at the checkpoint, OneFlow's generator state (base64), and what the
+order is drawn from it) and at the checkpoint (with that order drawn), OneFlow's generator state (base64), and what the
 epoch has gathered so far (its losses, its correct predictions) so that its results come out as
 if it had never stopped."""
 
@@ -156,6 +156,12 @@ class ResumePoint:
     """The checked RESUME_FIELDS record."""
     seconds: float
     """How long the run has trained so far."""
+
+    def marker(self) -> ev.RunResumed:
+        """The event that marks, in the run's metrics, where it continues."""
+        s = self.state
+        return ev.RunResumed(self.run_dir.name, s["epoch"], s["step"], s["global_step"], s["epochs_done"],
+                             self.cfg.epochs)
 
 
 def plan_resume(run_dir: str | Path, epochs: Optional[int] = None) -> ResumePoint:
@@ -326,8 +332,7 @@ class Trainer:
         self.global_step = state["global_step"]
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
         _set_flow_rng_state(state["flow_rng"])
-        self.emit(ev.RunResumed(self.writer.run_id, state["epoch"], state["step"], state["global_step"],
-                                state["epochs_done"], self.p.cfg.epochs))
+        self.emit(resume.marker())
         return state["epoch"]
 
     # -- training ------------------------------------------------------------------------------
@@ -348,14 +353,11 @@ class Trainer:
         p = self.p
         set_train_mode(p.model, p.cfg.strategy, p.head)
         self._epoch_losses: List[float] = []
-        self._correct_before = 0
+        self._correct_before = start = 0
+        self._rng_epoch = resume.state["rng_epoch"] if resume else self.rng.bit_generator.state
+        order, drawn = self._epoch_order(self._rng_epoch)
+        self.rng.bit_generator.state = resume.state["rng"] if resume else drawn
         if resume is not None:
-            self.rng.bit_generator.state = resume.state["rng_epoch"]
-        self._rng_epoch = self.rng.bit_generator.state
-        order = list(batches(len(p.train), p.cfg.batch_size, True, self.rng))
-        start = 0
-        if resume is not None:
-            self.rng.bit_generator.state = resume.state["rng"]
             start = resume.state["step"]
             self._epoch_losses = list(resume.state["epoch_losses"])
             self._correct_before = resume.state["epoch_correct"]
@@ -379,6 +381,14 @@ class Trainer:
         self._flush(epoch)
         train_acc = self._epoch_correct() / len(p.train)
         return float(np.mean(self._epoch_losses)), train_acc
+
+    def _epoch_order(self, state: Dict[str, Any]) -> Tuple[List[np.ndarray], Dict[str, Any]]:
+        """The batches of an epoch that starts with the generator in `state`, and the state
+        once they are drawn (the flips of its steps come after)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state
+        order = list(batches(len(self.p.train), self.p.cfg.batch_size, True, rng))
+        return order, rng.bit_generator.state
 
     def _epoch_correct(self) -> int:
         """Correct training predictions of the current epoch so far."""
@@ -482,11 +492,12 @@ class Trainer:
         """meta.json's "resume" record (RESUME_FIELDS) for a checkpoint after `step` batches of
         `epoch`; after an evaluated epoch, the run continues at the start of the next one."""
         rng = self.rng.bit_generator.state
-        if evaluated:
+        if evaluated:  # the next epoch starts here; "rng" is, as always, with its order drawn
             position = {"epoch": epoch + 1, "step": 0, "epochs_done": epoch, "rng_epoch": rng,
-                        "epoch_losses": [], "epoch_correct": 0}
+                        "rng": self._epoch_order(rng)[1], "epoch_losses": [], "epoch_correct": 0}
         else:
             position = {"epoch": epoch, "step": step, "epochs_done": epoch - 1, "rng_epoch": self._rng_epoch,
-                        "epoch_losses": list(self._epoch_losses), "epoch_correct": self._epoch_correct()}
+                        "rng": rng, "epoch_losses": list(self._epoch_losses),
+                        "epoch_correct": self._epoch_correct()}
         return {**position, "global_step": self.global_step, "best_acc": self.best_acc,
-                "last_acc": self.last_acc, "rng": rng, "flow_rng": _flow_rng_state()}
+                "last_acc": self.last_acc, "flow_rng": _flow_rng_state()}

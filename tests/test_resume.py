@@ -141,8 +141,9 @@ def fake_run(runs_dir, run_id, status="stopped", pid=1, meta=None):
     return path
 
 
+RNG = np.random.default_rng(0).bit_generator.state
 RESUME_RECORD = {"epoch": 3, "step": 0, "global_step": 40, "epochs_done": 2, "best_acc": 0.5, "last_acc": 0.5,
-                 "rng_epoch": {}, "rng": {}, "flow_rng": "", "epoch_losses": [], "epoch_correct": 0}
+                 "rng_epoch": RNG, "rng": RNG, "epoch_losses": [], "epoch_correct": 0}
 
 
 def test_runs_that_cannot_be_resumed_are_refused_with_a_reason(tmp_path):
@@ -154,6 +155,8 @@ def test_runs_that_cannot_be_resumed_are_refused_with_a_reason(tmp_path):
         fake_run(runs, "c-old-checkpoint", meta={"epoch": 1}): "no resume record",
         fake_run(runs, "d-bad-record", meta={"resume": {**RESUME_RECORD, "step": "two"}}):
             "step must be a whole number",
+        fake_run(runs, "d-bad-rng", meta={"resume": {**RESUME_RECORD, "rng": {"bit_generator": "MT19937"}}}):
+            "rng is not a random generator state",
     }
     for path, reason in cases.items():
         with pytest.raises(ResumeError, match=reason):
@@ -225,3 +228,21 @@ async def test_runs_screen_key_resumes_a_stopped_run_and_refuses_others(tmp_path
         assert dashboard.last_step.global_step == STEPS_PER_EPOCH
         assert [s.global_step for s in steps_of(folder)] == list(range(1, STEPS_PER_EPOCH + 1))
         assert read_run(folder).summary["status"] == "completed"
+
+
+def test_a_resumed_runs_record_reads_as_one_run():
+    """A run killed in epoch 2 after its epoch-1 checkpoint recorded steps 5-6 that the resumed run
+    does again: readers drop the first ones; the RunResumed line is type-checked like any event."""
+    step = lambda e, s, g: ev.StepEnded(e, s, g, float(g), {"all": 0.1}, 1.0)  # noqa: E731
+    epoch1 = ev.EpochEnded(1, 1.0, 0.5, 1.0, 0.5, 1.0)
+    marker = ev.RunResumed("r", 2, 0, 4, 1, 3)
+    recorded = [*(step(1, s, s) for s in range(1, 5)), epoch1, step(2, 1, 5), step(2, 2, 6),
+                ev.EpochEnded(2, 9.0, 0.0, 9.0, 0.0, 1.0),  # as if written before the kill
+                marker, step(2, 1, 5), step(2, 2, 6), step(2, 3, 7)]
+    whole = ev.as_one_run(ev.from_record(json.loads(json.dumps(ev.to_record(e)))) for e in recorded)
+    assert [e.global_step for e in whole if isinstance(e, ev.StepEnded)] == [1, 2, 3, 4, 5, 6, 7]
+    assert [e for e in whole if isinstance(e, ev.EpochEnded)] == [epoch1]
+    assert whole.count(marker) == 1
+    with pytest.raises(ValueError, match="global_step must be a whole number"):
+        ev.from_record({**ev.to_record(marker), "global_step": 4.5})
+

@@ -249,7 +249,7 @@ def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Option
     (including an unexpected exception) ends in a RunFinished event and a readable run folder.
     """
     p = prepared or prepare(cfg)
-    writer = RunWriter(p.cfg, resume=p.resume.run_dir if p.resume else None)
+    writer = RunWriter(p.cfg, resume=p.resume.run_dir) if p.resume else RunWriter(p.cfg)
     return Trainer(p, writer, [writer, *listeners], control or RunControl()).run()
 
 

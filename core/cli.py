@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--detach", action="store_true",
                        help="start the run as its own background process (it outlives this terminal; "
                             "output in RUN/output.log), print its id and return")
+    train.add_argument("--resume", metavar="RUN", help="continue a stopped, interrupted or failed run (an id, a "
+                       "unique part of one, or a path) in its folder, from its checkpoints/last, with its own "
+                       "settings; only --epochs (to train it further) and --runs-dir may be given with it")
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
     runs = sub.add_parser("runs", help="list the runs in the runs folder")
@@ -190,6 +193,12 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return cmd_compare(args.runs_dir, args.runs)
         if args.command == "stop":
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
+        if args.command == "train" and args.resume is not None:
+            if args.detach:
+                raise UsageError(["--resume runs in this terminal: --detach cannot go with it yet "
+                                  "(run it under nohup, or resume from the app)"])
+            run_dir, epochs = resume_from_args(args)
+            return cmd_train(None, resume=(run_dir, epochs))
         cfg = config_from_args(args)
     except UsageError as exc:
         for problem in exc.problems:
@@ -209,6 +218,36 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
 
 # ---------------------------------------------------------------------------------------------
 # train
+
+
+RESUME_FLAGS = ("epochs", "runs_dir")
+"""The settings that may go with --resume (a resumed run keeps the rest of its config.json)."""
+
+
+def resume_from_args(args: argparse.Namespace) -> tuple:
+    """(run folder, epochs or None) of `train --resume RUN`; UsageError for other settings given
+    with it, a bad --epochs, or a RUN that names no run (or several)."""
+    from core.store import find_run
+
+    others = [flag(n) for n in C.FIELDS if n not in RESUME_FLAGS and getattr(args, n, None) is not None]
+    others += ["--config"] if args.config else []
+    if others:
+        raise UsageError([f"--resume continues a run with the settings in its config.json: {', '.join(others)} "
+                          "cannot be given with it (only --epochs and --runs-dir)"])
+    epochs = None
+    if args.epochs is not None:
+        try:
+            epochs = C.from_mapping({"epochs": args.epochs}).epochs
+        except C.ConfigError as exc:
+            raise UsageError([_as_flag(p) for p in exc.problems]) from None
+        problems = [p for p in C.validate(C.RunConfig(epochs=epochs)) if p.startswith("epochs ")]
+        if problems:
+            raise UsageError([_as_flag(p) for p in problems])
+    try:
+        run_dir = find_run(args.runs_dir or C.RunConfig().runs_dir, args.resume)
+    except LookupError as exc:
+        raise UsageError([str(exc)]) from None
+    return run_dir, epochs
 
 
 def _console(stderr: bool = False) -> Any:
@@ -261,7 +300,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_train(cfg: C.RunConfig) -> int:
+def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int:
+    """Train `cfg`, or with `resume` = (run folder, epochs or None) continue that run."""
     from core.errors import SetupError
 
     console, err = _console(), _console(stderr=True)
@@ -275,11 +315,14 @@ def cmd_train(cfg: C.RunConfig) -> int:
         try:
             try:
                 from core.launch import adopt_log_listener
-                from core.trainer import RunControl, prepare, train
+                from core.trainer import NothingToResume, RunControl, prepare, prepare_resume, train
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
             control = RunControl()
-            prepared = prepare(cfg)
+            prepared = prepare_resume(*resume) if resume else prepare(cfg)
+        except NothingToResume as exc:
+            print_setup_error(err, exc)
+            return EXIT_USAGE
         except SetupError as exc:
             print_setup_error(err, exc)
             return EXIT_FAILED
@@ -290,7 +333,7 @@ def cmd_train(cfg: C.RunConfig) -> int:
     listeners = [progress, *filter(None, [adopt_log_listener()])]
     previous = {sig: signal.signal(sig, _stop_handler(control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(cfg, listeners, control, prepared=prepared)
+        result = train(prepared.cfg, listeners, control, prepared=prepared)
     except SetupError as exc:  # the run folder could not be created
         print_setup_error(err, exc)
         return EXIT_FAILED
@@ -331,10 +374,15 @@ class ProgressPrinter:
         self.progress = None
         self.task = None
         self.epochs = 0
+        self.resumed: Optional[ev.RunResumed] = None
 
     def __call__(self, event: ev.Event) -> None:
         c = self.console
-        if isinstance(event, ev.RunStarted):
+        if isinstance(event, ev.RunResumed):
+            self.resumed = event
+            c.print(f"resuming run {event.run_id} at epoch {event.epoch} step {event.step} "
+                    f"(global step {event.global_step}), to {event.epochs} epochs", markup=False)
+        elif isinstance(event, ev.RunStarted):
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
@@ -353,8 +401,9 @@ class ProgressPrinter:
                 TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=c, transient=True)
             self.progress.start()
-            self.task = self.progress.add_task("train", total=event.steps_per_epoch, epoch=1,
-                                               epochs=self.epochs, loss=float("nan"), rate=0.0)
+            at = self.resumed or ev.RunResumed("", 1, 0, 0, 0, self.epochs)
+            self.task = self.progress.add_task("train", total=event.steps_per_epoch, completed=at.step,
+                                               epoch=at.epoch, epochs=self.epochs, loss=float("nan"), rate=0.0)
         elif isinstance(event, ev.StepEnded) and self.progress is not None:
             self.progress.update(self.task, completed=event.step, epoch=event.epoch, loss=event.loss,
                                  rate=event.images_per_sec)

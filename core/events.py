@@ -9,7 +9,7 @@ import json
 import math
 import reprlib
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 COMPLETED, STOPPED, ABORTED, FAILED = "completed", "stopped", "aborted", "failed"
 
@@ -72,10 +72,29 @@ class RunFinished:
     epochs_done: int = 0
 
 
+@dataclass(frozen=True)
+class RunResumed:
+    """A run continues in its own folder from its last checkpoint (a new RunStarted follows).
+    What the run recorded after that checkpoint (a run killed mid-epoch) is redone: readers
+    drop it (as_one_run)."""
+
+    run_id: str
+    epoch: int
+    """The epoch the run continues in (1-based)."""
+    step: int
+    """Batches of that epoch already done."""
+    global_step: int
+    """Steps done before the resume: the next StepEnded has global_step + 1."""
+    epochs_done: int
+    epochs: int
+    """The epochs the run now ends after (extended by --epochs, or as before)."""
+
+
 Event = Any
 Listener = Callable[[Event], None]
 
-EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, CheckpointSaved, RunFinished)}
+EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, CheckpointSaved, RunFinished,
+                                                  RunResumed)}
 
 
 def to_record(event: Event) -> Dict[str, Any]:
@@ -116,6 +135,19 @@ def from_record(record: Any) -> Event:
     if cls is RunFinished and values["status"] not in STATUSES:
         raise ValueError(f"unknown status {short(values['status'])}")
     return cls(**values)
+
+
+def as_one_run(events: Iterable[Event]) -> List[Event]:
+    """A run's recorded events as one continuous run: at each RunResumed, the steps and epochs
+    recorded after the checkpoint it continued from (and done again after it) are dropped, so
+    global steps rise and each epoch appears once."""
+    out: List[Event] = []
+    for event in events:
+        if isinstance(event, RunResumed):
+            out = [e for e in out if not (isinstance(e, StepEnded) and e.global_step > event.global_step
+                                          or isinstance(e, EpochEnded) and e.epoch > event.epochs_done)]
+        out.append(event)
+    return out
 
 
 def _check_config(config: Dict[str, Any]) -> None:
@@ -164,6 +196,9 @@ def checked(value: Any, kind: str, name: str) -> Any:
         value = {k: checked(v, "float", f"{name}[{short(k)}]") for k, v in value.items()} if ok else value
     elif kind == "Dict[str, Any]":
         ok = type(value) is dict and all(type(k) is str for k in value)
+    elif kind == "List[float]":
+        ok = type(value) is list
+        value = [checked(v, "float", f"{name}[{i}]") for i, v in enumerate(value)] if ok else value
     elif kind == "Tuple[str, ...]":
         ok = type(value) in (list, tuple) and all(type(v) is str for v in value)
         value = tuple(value) if ok else value

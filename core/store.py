@@ -210,8 +210,29 @@ class RunWriter:
     A failed write raises StoreWriteError (the trainer then ends the run "failed"); on the last
     event (RunFinished) it still tries every way to leave summary.json saying how the run ended."""
 
-    def __init__(self, cfg: RunConfig, runs_dir: Optional[str | Path] = None):
-        self.runs_dir = Path(runs_dir or cfg.runs_dir)
+    def __init__(self, cfg: RunConfig, runs_dir: Optional[str | Path] = None, resume: Optional[Path] = None):
+        """A new run folder under `runs_dir` (default cfg.runs_dir); or, with `resume`, that
+        existing run folder, continued: its config.json is rewritten (the epochs may have been
+        extended), its summary says "running" again and keeps its results, duration and start
+        time, and metrics.jsonl is appended to."""
+        if resume is not None:
+            self._reopen(Path(resume), cfg)
+        else:
+            self._create(cfg, Path(runs_dir or cfg.runs_dir))
+        self._metrics: Optional[int] = None
+        self._torn = False  # a metrics line was cut short by a failed write
+        self._summary_at = time.monotonic()
+        try:
+            atomic_write_json(self.path / "config.json", cfg.to_dict())
+            atomic_write_json(self.path / "summary.json", self.summary)
+            self._metrics = os.open(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if resume is None:
+                shutil.rmtree(self.path, ignore_errors=True)  # nothing of the run was written yet
+            raise RunsDirError(f"cannot write the run folder {self.path}: {error_reason(exc)}") from None
+
+    def _create(self, cfg: RunConfig, runs_dir: Path) -> None:
+        self.runs_dir = runs_dir
         try:
             self.runs_dir = self.runs_dir.expanduser()
             self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -226,16 +247,16 @@ class RunWriter:
             "epochs": cfg.epochs, "lr": cfg.lr, "lr_backbone": cfg.lr_backbone,
             "best_test_acc": None, "final_test_acc": None, "epochs_done": 0, "seconds": 0.0,
         }
-        self._metrics: Optional[int] = None
-        self._torn = False  # a metrics line was cut short by a failed write
-        self._summary_at = time.monotonic()
+
+    def _reopen(self, path: Path, cfg: RunConfig) -> None:
+        self.path, self.runs_dir, self.run_id = path, path.parent, path.name
         try:
-            atomic_write_json(self.path / "config.json", cfg.to_dict())
-            atomic_write_json(self.path / "summary.json", self.summary)
-            self._metrics = os.open(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            shutil.rmtree(self.path, ignore_errors=True)  # nothing of the run was written yet
-            raise RunsDirError(f"cannot write the run folder {self.path}: {error_reason(exc)}") from None
+            self.summary = _read_summary(path)
+        except ValueError as exc:
+            raise RunsDirError(f"cannot continue the run {path}: {exc}") from None
+        # the duration counts the time trained before, not the time the run lay stopped
+        self.started = time.time() - (self.summary["seconds"] or 0.0)
+        self.summary.update(status="running", pid=os.getpid(), epochs=cfg.epochs, message=None)
 
     def checkpoint_dir(self, kind: str) -> Path:
         return self.path / "checkpoints" / kind

@@ -2,26 +2,29 @@
 emitting typed events (core.events) to listeners and honouring stop/abort between batches."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from core import events as ev
 from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
+from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.live import LiveRun
 from core.models import WeightsError, build_model
-from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason,
+from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason, read_run,
                         replace_dir, tidy_run)
 from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
-from core.weights import save_checkpoint
+from core.weights import load_checkpoint, read_meta, save_checkpoint
 from oneflow import nn
 
 FLUSH_STEPS = 32
@@ -96,6 +99,8 @@ class Prepared:
     trainable: int
     total: int
     notes: Tuple[str, ...] = ()
+    resume: Optional["ResumePoint"] = None
+    """Set when the run continues a stopped one (prepare_resume): where, and from what state."""
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -128,6 +133,112 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes))
 
 
+class ResumeError(SetupError):
+    """A run cannot be continued (still running, no checkpoint, unreadable...)."""
+
+
+class NothingToResume(ResumeError):
+    """The run has nothing left to do with the epochs asked for (a usage error)."""
+
+
+RESUME_FIELDS = {"epoch": "int", "step": "int", "global_step": "int", "epochs_done": "int",
+                 "best_acc": "Optional[float]", "last_acc": "Optional[float]", "rng_epoch": "Dict[str, Any]",
+                 "rng": "Dict[str, Any]", "epoch_losses": "List[float]", "epoch_correct": "int"}
+"""The "resume" record of a checkpoint's meta.json and its types: where the run continues
+(`step` batches of `epoch` done), the numpy generator state at the start of that epoch (its data
+order is drawn from it) and at the checkpoint (with that order drawn), and what the epoch has
+gathered so far (its losses, its correct predictions) so that its results come out as if it had
+never stopped.
+
+The loop draws its randomness (data order, flips) from numpy only. OneFlow's random state is not
+saved: in oneflow 0.9.0 it cannot be restored exactly (measured: after flow.set_rng_state of a
+state taken by flow.get_rng_state mid-way, flow.rand draws other numbers than the ones that
+followed the save; nn.Dropout's own generator behaves the same), so a model with dropout (the
+MobileNets' heads) gets other dropout masks after a resume than without one."""
+
+
+@dataclass
+class ResumePoint:
+    run_dir: Path
+    cfg: RunConfig
+    """The run's config.json, with the epochs asked for."""
+    state: Dict[str, Any]
+    """The checked RESUME_FIELDS record."""
+    seconds: float
+    """How long the run has trained so far."""
+
+    def marker(self) -> ev.RunResumed:
+        """The event that marks, in the run's metrics, where it continues."""
+        s = self.state
+        return ev.RunResumed(self.run_dir.name, s["epoch"], s["step"], s["global_step"], s["epochs_done"],
+                             self.cfg.epochs)
+
+
+def plan_resume(run_dir: str | Path, epochs: Optional[int] = None) -> ResumePoint:
+    """Check that the run in `run_dir` can continue (to `epochs`, default its own) and say from
+    where. Reads small JSON files only (cheap enough for a UI thread). Raises ResumeError with a
+    line for the person; NothingToResume when the epochs asked for leave nothing to do."""
+    path = Path(run_dir)
+    record = read_run(path)
+    status = record.summary["status"]
+    if record.unreadable:
+        raise ResumeError(f"run {record.run_id} is unreadable ({record.reason}): it cannot be continued")
+    if status == "running":
+        raise ResumeError(f"run {record.run_id} is still running (process {record.summary['pid']}): "
+                          "it can be continued once it has stopped")
+    last = path / "checkpoints" / "last"
+    if not last.is_dir():
+        raise ResumeError(f"run {record.run_id} has no checkpoints/last to continue from (it ended before "
+                          "its first checkpoint): start it again")
+    try:
+        raw = read_meta(last).get("resume")
+        if not isinstance(raw, dict):
+            raise ValueError("its meta.json has no resume record (written before runs could be resumed); "
+                             f"start a new run with --pretrained {last}")
+        state = {name: ev.checked(raw.get(name), kind, name) for name, kind in RESUME_FIELDS.items()}
+        for name in ("rng_epoch", "rng"):
+            _check_rng_state(state[name], name)
+    except (SetupError, ValueError) as exc:
+        raise ResumeError(f"the checkpoint of run {record.run_id} cannot be continued: {exc}") from None
+    cfg = record.config
+    want = cfg.epochs if epochs is None else epochs
+    done = state["epochs_done"]
+    if want < state["epoch"]:
+        if status == ev.COMPLETED and want == cfg.epochs:
+            raise NothingToResume(f"run {record.run_id} is completed ({done} epochs): give --epochs N with "
+                                  f"N > {done} to train it further")
+        raise NothingToResume(f"--epochs must be at least {state['epoch']} to continue run {record.run_id} "
+                              f"({done} epoch(s) done), got {want}")
+    return ResumePoint(path, dataclasses.replace(cfg, epochs=want, runs_dir=str(path.parent)), state,
+                       record.summary["seconds"] or 0.0)
+
+
+def _check_rng_state(state: Dict[str, Any], name: str) -> None:
+    """ValueError unless numpy's generator (the trainer's: PCG64) accepts `state`."""
+    try:
+        np.random.default_rng().bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise ValueError(f"{name} is not a random generator state") from None
+
+
+def prepare_resume(run_dir: str | Path, epochs: Optional[int] = None) -> Prepared:
+    """prepare() for continuing the run in `run_dir`, with its model holding the weights of its
+    checkpoints/last (the optimizer state and random state are restored by the Trainer)."""
+    point = plan_resume(run_dir, epochs)
+    p = prepare(point.cfg)
+    weights, optimizer, _ = load_checkpoint(point.run_dir / "checkpoints" / "last")
+    if optimizer is None:
+        raise ResumeError(f"the checkpoint of run {point.run_dir.name} holds no optimizer state")
+    try:
+        p.model.load_state_dict(weights)
+    except Exception as exc:  # a checkpoint of another model: one line, not OneFlow's page
+        raise ResumeError(f"the checkpoint of run {point.run_dir.name} does not fit its model: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    point.state["optimizer"] = optimizer
+    p.resume = point
+    return p
+
+
 def first_non_finite(model: nn.Module) -> Optional[str]:
     """The name of the first parameter or buffer holding NaN or inf, or None. One transfer from
     the device, ~50 ms for a ResNet-18 on a CPU."""
@@ -146,7 +257,7 @@ def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Option
     p = prepared or prepare(cfg)
     control = control or RunControl()
     live = LiveRun(control)  # heartbeat.json and control.json: the run seen and steered from outside
-    writer = RunWriter(p.cfg)
+    writer = RunWriter(p.cfg, resume=p.resume.run_dir) if p.resume else RunWriter(p.cfg)
     return Trainer(p, writer, [writer, live, *listeners], control).run()
 
 
@@ -167,14 +278,17 @@ class Trainer:
             listener(event)
 
     def run(self) -> ev.RunFinished:
-        p, cfg = self.p, self.p.cfg
-        started = time.time()
+        p, cfg, resume = self.p, self.p.cfg, self.p.resume
+        started = time.time() - (resume.seconds if resume else 0.0)
         status, message, epochs_done = ev.COMPLETED, "", 0
         self.rng = np.random.default_rng(cfg.seed)
         self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
+        first_epoch = 1
         try:
             self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
                                             weight_decay=cfg.weight_decay)
+            if resume is not None:
+                first_epoch, epochs_done = self._restore(resume), resume.state["epochs_done"]
             self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
             self.loss_fn = nn.CrossEntropyLoss().to(p.device)
             self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
@@ -187,9 +301,9 @@ class Trainer:
                 device=p.device, trainable_params=p.trainable, total_params=p.total,
                 num_classes=len(p.train.classes), train_size=len(p.train), test_size=len(p.test),
                 steps_per_epoch=self.steps_per_epoch, notes=p.notes))
-            for epoch in range(1, cfg.epochs + 1):
+            for epoch in range(first_epoch, cfg.epochs + 1):
                 epoch_start = time.time()
-                train_loss, train_acc = self._train_epoch(epoch)
+                train_loss, train_acc = self._train_epoch(epoch, resume if epoch == first_epoch else None)
                 self._check_weights(f"after epoch {epoch}")
                 test_loss, test_acc = self._evaluate(epoch)
                 if not math.isfinite(test_loss):
@@ -200,7 +314,7 @@ class Trainer:
                                         time.time() - epoch_start))
                 improved = self.best_acc is None or test_acc > self.best_acc
                 self.best_acc = test_acc if improved else self.best_acc
-                self._save_checkpoint(epoch, self.steps_per_epoch, best=improved)
+                self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)
         except _Interrupted as stop:
             status = stop.status
             message = ((f"stopped: {self.control.reason}" if self.control.reason else "stopped on request")
@@ -223,6 +337,17 @@ class Trainer:
         self.writer.close()
         return finished
 
+    def _restore(self, resume: ResumePoint) -> int:
+        """Take up a stopped run where its checkpoint left it (the weights are in the model
+        already, see prepare_resume): optimizer state, counters; emit the RunResumed marker (the
+        numpy generator is set by _train_epoch). Returns the epoch to continue in."""
+        state = resume.state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = state["global_step"]
+        self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
+        self.emit(resume.marker())
+        return state["epoch"]
+
     # -- training ------------------------------------------------------------------------------
 
     def _check_control(self, epoch: int, step: int) -> None:
@@ -234,13 +359,24 @@ class Trainer:
             self._save_checkpoint(epoch, step, best=False)
             raise _Interrupted(ev.STOPPED)
 
-    def _train_epoch(self, epoch: int) -> Tuple[float, float]:
+    def _train_epoch(self, epoch: int, resume: Optional[ResumePoint] = None) -> Tuple[float, float]:
+        """One epoch of training; with `resume`, the rest of the epoch its checkpoint stopped in:
+        the same data order (drawn again from the generator state at the epoch's start), then the
+        generator state of the checkpoint (the flips to come), skipping the batches done."""
         p = self.p
         set_train_mode(p.model, p.cfg.strategy, p.head)
         self._epoch_losses: List[float] = []
+        self._correct_before = start = 0
+        self._rng_epoch = resume.state["rng_epoch"] if resume else self.rng.bit_generator.state
+        order, drawn = self._epoch_order(self._rng_epoch)
+        self.rng.bit_generator.state = resume.state["rng"] if resume else drawn
+        if resume is not None:
+            start = resume.state["step"]
+            self._epoch_losses = list(resume.state["epoch_losses"])
+            self._correct_before = resume.state["epoch_correct"]
         self._window_start, self._window_images = time.time(), 0
-        correct = []
-        for step, idx in enumerate(batches(len(p.train), p.cfg.batch_size, True, self.rng), 1):
+        self._correct = correct = []
+        for step, idx in enumerate(order[start:], start + 1):
             self._check_control(epoch, step - 1)
             x = self.transform(p.train.images[idx], True, self.rng)
             y = flow.tensor(p.train.labels[idx], device=p.device)
@@ -256,8 +392,21 @@ class Trainer:
             if len(self._pending) >= self._flush_every:
                 self._flush(epoch)
         self._flush(epoch)
-        train_acc = float(flow.stack(correct).sum().item()) / len(p.train)
+        train_acc = self._epoch_correct() / len(p.train)
         return float(np.mean(self._epoch_losses)), train_acc
+
+    def _epoch_order(self, state: Dict[str, Any]) -> Tuple[List[np.ndarray], Dict[str, Any]]:
+        """The batches of an epoch that starts with the generator in `state`, and the state
+        once they are drawn (the flips of its steps come after)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state
+        order = list(batches(len(self.p.train), self.p.cfg.batch_size, True, rng))
+        return order, rng.bit_generator.state
+
+    def _epoch_correct(self) -> int:
+        """Correct training predictions of the current epoch so far."""
+        done = int(flow.stack(self._correct).sum().item()) if self._correct else 0
+        return self._correct_before + done
 
     def _flush(self, epoch: int) -> None:
         """Fetch the pending losses in one transfer and emit their StepEnded events."""
@@ -319,12 +468,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _save_checkpoint(self, epoch: int, step: int, best: bool) -> None:
+    def _save_checkpoint(self, epoch: int, step: int, best: bool, evaluated: bool = False) -> None:
         """_checkpoint, all or nothing: on any failure (disk full, Ctrl-C...) the partial
         .last.tmp-* / .best.tmp-* folders are removed and the previous checkpoints stay as they
         were (tidy_run); an I/O error becomes a StoreWriteError naming the folder and the reason."""
         try:
-            self._checkpoint(epoch, step, best)
+            self._checkpoint(epoch, step, best, evaluated)
         except BaseException as exc:
             tidy_run(self.writer.path)
             reason = io_error_reason(exc)
@@ -333,7 +482,7 @@ class Trainer:
                 raise StoreWriteError(f"could not write a checkpoint to {folder}: {reason}") from None
             raise
 
-    def _checkpoint(self, epoch: int, step: int, best: bool) -> None:
+    def _checkpoint(self, epoch: int, step: int, best: bool, evaluated: bool) -> None:
         """Save model + optimizer as checkpoints/last (atomically), and copy it to best."""
         last = self.writer.checkpoint_dir("last")
         tmp = last.with_name(f".last.tmp-{time.time_ns()}")
@@ -341,7 +490,8 @@ class Trainer:
         save_checkpoint(tmp, self.p.model, self.optimizer, {
             "epoch": epoch, "step": step, "global_step": self.global_step,
             "test_acc": self.last_acc, "backbone": self.p.cfg.backbone,
-            "num_classes": len(self.p.train.classes), "classes": self.p.train.classes})
+            "num_classes": len(self.p.train.classes), "classes": self.p.train.classes,
+            "resume": self._resume_record(epoch, step, evaluated)})
         replace_dir(tmp, last)
         self.emit(ev.CheckpointSaved(epoch, str(last), "last"))
         if best:
@@ -350,3 +500,17 @@ class Trainer:
             shutil.copytree(last, tmp)
             replace_dir(tmp, best_dir)
             self.emit(ev.CheckpointSaved(epoch, str(best_dir), "best"))
+
+    def _resume_record(self, epoch: int, step: int, evaluated: bool) -> Dict[str, Any]:
+        """meta.json's "resume" record (RESUME_FIELDS) for a checkpoint after `step` batches of
+        `epoch`; after an evaluated epoch, the run continues at the start of the next one."""
+        rng = self.rng.bit_generator.state
+        if evaluated:  # the next epoch starts here; "rng" is, as always, with its order drawn
+            position = {"epoch": epoch + 1, "step": 0, "epochs_done": epoch, "rng_epoch": rng,
+                        "rng": self._epoch_order(rng)[1], "epoch_losses": [], "epoch_correct": 0}
+        else:
+            position = {"epoch": epoch, "step": step, "epochs_done": epoch - 1, "rng_epoch": self._rng_epoch,
+                        "rng": rng, "epoch_losses": list(self._epoch_losses),
+                        "epoch_correct": self._epoch_correct()}
+        return {**position, "global_step": self.global_step, "best_acc": self.best_acc,
+                "last_acc": self.last_acc}

@@ -142,14 +142,7 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True
     safetensors layout or the older one (model/ and optimizer/ flow.save folders). The optimizer
     state is None when the folder has none or `with_optimizer` is false."""
     folder = Path(folder).expanduser()
-    meta: Dict[str, Any] = {}
-    if (folder / META_FILE).is_file():
-        try:
-            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read {folder / META_FILE} ({exc})") from None
-        if not isinstance(meta, dict):
-            raise WeightsError(f"{folder / META_FILE} holds a {type(meta).__name__}, not an object")
+    meta = read_meta(folder)
     if (folder / MODEL_FILE).is_file():
         model = check_state_dict(_state_from_arrays(_read_safetensors(folder / MODEL_FILE)[0]), folder / MODEL_FILE)
         optimizer = None
@@ -166,6 +159,21 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True
             if with_optimizer and (folder / "optimizer").is_dir() else None
         return model, optimizer, meta
     raise WeightsError(f"{folder} is not a TransferLab checkpoint (no {MODEL_FILE} nor model/ in it)")
+
+
+def read_meta(folder: str | Path) -> Dict[str, Any]:
+    """The meta.json of a checkpoint folder as a dict ({} when there is none); WeightsError when
+    it is not a JSON object. Its values are untrusted: check them where they are used."""
+    path = Path(folder).expanduser() / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise WeightsError(f"cannot read {path} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path} holds a {type(meta).__name__}, not an object")
+    return meta
 
 
 def _state_from_arrays(arrays: Dict[str, np.ndarray]) -> Dict[str, "flow.Tensor"]:

@@ -16,6 +16,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Deque, Iterable, List, Optional, Set
 
 from textual import events, on, work
@@ -30,6 +31,10 @@ from core.config import RunConfig
 from tui.compat import InstantSwitchApp
 from tui.dialogs import ChoiceScreen, ConfirmScreen
 
+
+RESUMABLE = ("stopped", "interrupted", "failed", "aborted")
+"""The statuses the command palette offers "Resume run" for (a completed run needs more epochs:
+transferlab train --resume RUN --epochs N)."""
 
 TRAINING_NICENESS = 10
 """While a run trains, OneFlow's own (native) threads run at this nice value, so that the kernel
@@ -114,6 +119,8 @@ class LiveRun:
     """Set by the worker thread when it ends, however it ends (the interface may be gone)."""
     result: Optional[ev.RunFinished] = None
     """How the run ended, set by the worker thread (None if it never started or crashed)."""
+    resume: Optional[Path] = None
+    """The folder of the stopped run this one continues."""
 
 
 class TransferLabApp(InstantSwitchApp):
@@ -135,6 +142,13 @@ class TransferLabApp(InstantSwitchApp):
         def __init__(self, event: ev.Event) -> None:
             super().__init__()
             self.event = event
+
+    class RunHistory(Message):
+        """What a resumed run recorded before (read in the worker), to show the whole run."""
+
+        def __init__(self, events: List[ev.Event]) -> None:
+            super().__init__()
+            self.events = events
 
     class RunCouldNotStart(Message):
         """Setup failed (bad data path, missing weights, unusable GPU...): nothing was created."""
@@ -205,15 +219,24 @@ class TransferLabApp(InstantSwitchApp):
     def running(self) -> bool:
         return self.live is not None and self.live.status in ("starting", "running")
 
-    async def start_run(self, cfg: RunConfig) -> bool:
-        """Start training `cfg` in the worker and show the dashboard; False if one is running."""
-        from core.trainer import RunControl
+    async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None) -> bool:
+        """Start training `cfg` in the worker and show the dashboard; with `resume` (a run
+        folder), continue that stopped run instead, with its own settings. False (with a toast)
+        if a run is in progress or the run cannot be continued."""
+        from core.trainer import ResumeError, RunControl, plan_resume
 
         if self.running:
             self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
             return False
-        self.runs_dir = cfg.runs_dir
-        self.live = LiveRun(cfg, RunControl(), EventBridge(self))
+        if resume is not None:
+            try:
+                cfg = plan_resume(resume).cfg  # small JSON files: the checks answer at once
+            except ResumeError as exc:
+                self.notify(str(exc), title="Cannot resume", severity="warning", timeout=8)
+                return False
+        else:
+            self.runs_dir = cfg.runs_dir
+        self.live = LiveRun(cfg, RunControl(), EventBridge(self), resume=resume)
         await self.switch_mode("dashboard")
         self.dashboard.begin(cfg)
         self._train(self.live)
@@ -230,11 +253,18 @@ class TransferLabApp(InstantSwitchApp):
         """The worker's work: set up and train `live`; how it finished, or None if it did not start."""
         from core.errors import SetupError
         from core.store import mark_failed
-        from core.trainer import prepare, train
+        from core.store import read_events
+        from core.trainer import plan_resume, prepare, prepare_resume, train
 
         lower_training_priority()
         try:
-            prepared = prepare(live.cfg)
+            if live.resume is not None:  # first what the run did so far, then it continues live
+                marker = plan_resume(live.resume).marker()
+                history = ev.as_one_run([*read_events(live.resume), marker])[:-1]
+                self.post_message(self.RunHistory(history))
+                prepared = prepare_resume(live.resume)
+            else:
+                prepared = prepare(live.cfg)
             lower_training_priority()  # and the threads OneFlow started for the model and data
         except SetupError as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
@@ -280,6 +310,11 @@ class TransferLabApp(InstantSwitchApp):
             self.refresh_runs()
             if self.quit_after_run:
                 self.exit()
+
+    @on(RunHistory)
+    def _on_run_history(self, message: RunHistory) -> None:
+        if self.dashboard is not None:
+            self.dashboard.apply_all(message.events)
 
     @on(RunCouldNotStart)
     def _on_could_not_start(self, message: RunCouldNotStart) -> None:
@@ -371,6 +406,10 @@ class TransferLabApp(InstantSwitchApp):
         if self.running:
             yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
             yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
+        resumable = self._resumable_run()
+        if not self.running and resumable is not None:
+            yield SystemCommand("Resume run", f"Continue {resumable.run_id} from its last checkpoint",
+                                lambda: self.start_run(resume=resumable.path))
         yield SystemCommand("Open form", "Settings of the next run", lambda: self.switch_mode("form"))
         yield SystemCommand("Open dashboard", "The current or last run", lambda: self.switch_mode("dashboard"))
         yield SystemCommand("Open runs", "All runs, overlay and compare", lambda: self.switch_mode("runs"))
@@ -378,6 +417,12 @@ class TransferLabApp(InstantSwitchApp):
         if form is not None:
             yield SystemCommand("Save preset", "Write the form's settings to a file", form.action_save_preset)
             yield SystemCommand("Load preset", "Fill the form from a preset file", form.action_load_preset)
+
+    def _resumable_run(self):
+        """The run under the runs screen's cursor, when it stopped before its end."""
+        runs = self.mode_screen("runs")
+        run = runs.current() if runs is not None else None
+        return run if run is not None and run.summary["status"] in RESUMABLE else None
 
     async def _compare(self) -> None:
         await self.switch_mode("runs")

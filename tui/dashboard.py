@@ -87,6 +87,8 @@ class DashboardScreen(Screen):
         self.last_step: Optional[ev.StepEnded] = None
         self.t0 = time.monotonic()
         self.results: List[ev.EpochEnded] = []
+        self.resumed_from = 0
+        """The global step a resumed run continued from (the ETA counts the steps since)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -120,7 +122,7 @@ class DashboardScreen(Screen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="replay")
     def _read_events(self, run_dir: Path) -> None:
         try:
-            events = read_events(run_dir)
+            events = ev.as_one_run(read_events(run_dir))
         except Exception as exc:  # an unreadable file is a message on the screen, not a crash
             self.post_message(self.EventsRead([], f"{type(exc).__name__}: {exc}"))
             return
@@ -260,6 +262,11 @@ class DashboardScreen(Screen):
             acc.add("test", event.epoch, event.test_acc)
             self.query_one("#epoch-bar", ProgressBar).update(progress=event.epoch)
             self.log_line(escape(ev.epoch_summary(event, self.epochs)))
+        elif isinstance(event, ev.RunResumed):
+            self.status, self.epochs, self.resumed_from = "running", event.epochs, event.global_step
+            self.query_one("#epoch-bar", ProgressBar).update(total=event.epochs)
+            self.log_line(f"[b]Resumed[/b] at epoch {event.epoch} step {event.step} (global step "
+                          f"{event.global_step}), to {event.epochs} epochs.")
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
@@ -284,8 +291,8 @@ class DashboardScreen(Screen):
             if self.status == "running" and self.started:
                 done = (step.epoch - 1) * self.started.steps_per_epoch + step.step
                 total = self.epochs * self.started.steps_per_epoch
-                elapsed = time.monotonic() - self.t0
-                parts.append(f"ETA {fmt_duration(elapsed / done * (total - done)) if done else '-'}")
+                elapsed, here = time.monotonic() - self.t0, done - self.resumed_from
+                parts.append(f"ETA {fmt_duration(elapsed / here * (total - done)) if here > 0 else '-'}")
         if self.results:
             parts.append(f"test acc {self.results[-1].test_acc:.4f}")
         self.query_one("#stats", Static).update(" · ".join(parts))

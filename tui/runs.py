@@ -59,6 +59,7 @@ class RunsScreen(Screen):
         Binding("enter", "open", "Open"),
         Binding("c", "compare", "Compare"),
         Binding("e", "edit", "Edit & rerun"),
+        Binding("R", "resume", "Resume"),
         Binding("g", "reload", "Reload"),
     ]
 
@@ -145,7 +146,7 @@ class RunsScreen(Screen):
     def _update_hint(self) -> None:
         self.query_one("#runs-hint", Static).update(
             f"{len(self.runs)} run(s) in {escape(str(self.app.runs_dir))} · space: select to overlay ({len(self.selected)} "
-            f"selected) · enter: open · c: compare · e: edit & rerun" if self.runs else
+            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume" if self.runs else
             f"No runs in {escape(str(self.app.runs_dir))} yet: start one from the form (F1, then ctrl+r).")
 
     def current(self) -> RunRecord | None:
@@ -201,7 +202,7 @@ class RunsScreen(Screen):
     def _read_curves(self, run_id: str, path: Path, mtime: float) -> None:
         steps, losses, accs = [], [], []
         try:
-            for event in read_events(path):
+            for event in ev.as_one_run(read_events(path)):
                 if isinstance(event, ev.StepEnded):
                     steps.append(event.global_step)
                     losses.append(event.loss)
@@ -274,6 +275,12 @@ class RunsScreen(Screen):
         run = self.readable_current()
         if run is not None:
             await self.app.edit_config(run.config)
+
+    async def action_resume(self) -> None:
+        """Continue the run under the cursor from its last checkpoint (the app says why not)."""
+        run = self.readable_current()
+        if run is not None:
+            await self.app.start_run(resume=run.path)
 
     def action_reload(self) -> None:
         self.reload()

@@ -87,8 +87,12 @@ def load_backbone_weights(model: nn.Module, state: Dict[str, "flow.Tensor"], sou
     missing = sorted(k for k in set(own) - set(given) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(given) - set(own))
     wrong_shape = sorted(k for k in set(own) & set(given) if tuple(own[k].shape) != tuple(given[k].shape))
+    # bool or integer values where the model has floats (float16/64 are cast when loaded)
+    not_float = sorted(k for k in set(own) & set(given)
+                       if own[k].is_floating_point() and not given[k].is_floating_point())
     problems: List[str] = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
+                        ("not floating point", not_float)):
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             problems.append(f"{label}: {shown}")

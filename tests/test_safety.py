@@ -593,3 +593,15 @@ def test_weights_larger_than_any_backbone_are_refused_unread(tmp_path, monkeypat
     save_file({"w": np.zeros(1000, np.float32)}, str(tmp_path / "big.safetensors"))
     with pytest.raises(W.WeightsError, match="holds more than"):
         W.read_state_dict(tmp_path / "big.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int8, np.int64])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    from safetensors.numpy import save_file
+
+    model, _ = M.build_model("resnet18", 10, "none")
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays["layer1.0.conv1.weight"] = arrays["layer1.0.conv1.weight"].astype(dtype)
+    save_file(arrays, str(tmp_path / "w.safetensors"))
+    with pytest.raises(W.WeightsError, match="not floating point: layer1.0.conv1.weight"):
+        M.build_model("resnet18", 10, str(tmp_path / "w.safetensors"))

@@ -76,6 +76,10 @@ class RunControl:
         return self._ending.is_set()
 
 
+SMALL_LR = 1e-3
+"""At or below this (the tutorial's own lr), a divergence is not blamed on the learning rate."""
+
+
 class LossNotFinite(RuntimeError):
     """The loss, the evaluation loss or the weights stopped being finite numbers."""
 
@@ -457,12 +461,15 @@ class Trainer:
         SGD), else the learning rate. (Weights that were not finite when loaded are refused
         before the run starts, by prepare.)"""
         cfg = self.p.cfg
-        decay = max(float(g["lr"]) for g in self.optimizer.param_groups) * cfg.weight_decay
-        if decay > 2 * (1 + cfg.momentum) and cfg.weight_decay >= 0.1:
+        top_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+        lrs = f"lr={cfg.lr:g}" + (f", lr_backbone={cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
+        if top_lr * cfg.weight_decay > 2 * (1 + cfg.momentum) and cfg.weight_decay >= 0.1:
             cause = (f"the weight decay is too strong (weight_decay={cfg.weight_decay:g}; usual values "
                      f"are 1e-4 to 5e-4): lower --weight-decay")
+        elif top_lr <= SMALL_LR:
+            cause = (f"not the learning rate alone ({lrs} is small): look at the data (images of one "
+                     f"constant value?) and the initial weights (BatchNorm statistics), or try --pretrained none")
         else:
-            lrs = f"lr={cfg.lr:g}" + (f", lr_backbone={cfg.lr_backbone:g}" if cfg.strategy == "discriminative" else "")
             cause = f"the learning rate is too high ({lrs}): lower --lr"
         return LossNotFinite(f"{what}: training diverged. Likely cause: {cause}.")
 

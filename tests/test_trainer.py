@@ -208,3 +208,16 @@ def test_pretrained_weights_holding_nan_are_refused_before_the_run(tiny_cfg, tmp
     with pytest.raises(SetupError, match=r"hold NaN or infinite values \(first in layer1.0.conv1.weight\)"):
         prepare(tiny_cfg.replace(pretrained=str(tmp_path / "w")))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_divergence_at_a_small_learning_rate_is_not_blamed_on_it(tiny_cfg, monkeypatch):
+    """Images of extreme values (here: the batch transform scaled by 1e30) make the loss
+    overflow at lr 1e-4: the message must not tell the person to lower the learning rate."""
+    from core import data as D
+
+    real = D.BatchTransform.__call__
+    monkeypatch.setattr(D.BatchTransform, "__call__", lambda self, *a: real(self, *a) * 1e30)
+    result = train(tiny_cfg.replace(lr=1e-4, limit_train=96, batch_size=16))
+    assert result.status == ev.FAILED and "training diverged" in result.message
+    assert "not the learning rate alone (lr=0.0001 is small)" in result.message
+    assert "lower --lr" not in result.message

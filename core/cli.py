@@ -28,8 +28,9 @@ EXIT_CODES = {ev.COMPLETED: EXIT_OK, ev.STOPPED: EXIT_STOPPED, ev.ABORTED: EXIT_
 STOP_WAIT_SECONDS = 60.0
 """How long `transferlab stop` waits for the run to end (a step rarely takes more)."""
 
-TuiLauncher = Callable[[C.RunConfig, Set[str]], int]
-"""Opens the TUI with a pre-filled config and the names of the fields the user gave explicitly."""
+TuiLauncher = Callable[..., int]
+"""Opens the TUI with a pre-filled config and the names of the fields the user gave explicitly
+(and `attach=RUN_DIR` to open on that run's dashboard)."""
 
 
 class UsageError(Exception):
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="*", metavar="RUN",
                          help="run ids (or unique parts of them); default: the newest run of each strategy")
     compare.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    attach = sub.add_parser("attach", help="open the app on a run's dashboard, following it as it trains")
+    attach.add_argument("run", metavar="RUN", nargs="?",
+                        help="run id, a unique part of one, or the run's folder (default: the newest running run)")
+    attach.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
     stop = sub.add_parser("stop", help="stop a running run (from any terminal or host sharing its folder)",
                           description="Ask a running run to stop after its current step, saving a "
                           "checkpoint (status stopped), or with --abort to end at once (status aborted); "
@@ -191,6 +196,11 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return cmd_runs(args.runs_dir)
         if args.command == "compare":
             return cmd_compare(args.runs_dir, args.runs)
+        if args.command == "attach":
+            run_dir = attach_target(args.runs_dir, args.run)
+            if launch_tui is None:
+                raise UsageError(["the terminal UI is not available in this installation"])
+            return launch_tui(C.RunConfig(runs_dir=args.runs_dir), set(), attach=run_dir)
         if args.command == "stop":
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
         if args.command == "train" and args.resume is not None:
@@ -258,6 +268,25 @@ def _console(stderr: bool = False) -> Any:
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, highlight=False, soft_wrap=not stream.isatty(),
                    width=None if stream.isatty() else 200)
+
+
+def attach_target(runs_dir: str, ref: Optional[str]):
+    """The run folder `attach` opens: RUN, or the newest running run; UsageError otherwise."""
+    from core.store import RunsDirError, find_run, list_runs
+
+    if ref is not None:
+        try:
+            return find_run(runs_dir, ref)
+        except LookupError as exc:
+            raise UsageError([str(exc)]) from None
+    try:
+        running = [r for r in list_runs(runs_dir) if r.summary["status"] == "running"]
+    except RunsDirError as exc:
+        raise UsageError([str(exc)]) from None
+    if not running:
+        raise UsageError([f"no run is running in {runs_dir}: name one (transferlab attach RUN), "
+                          f"or see transferlab runs --runs-dir {runs_dir}"])
+    return running[-1].path
 
 
 def cmd_detach(cfg: C.RunConfig) -> int:

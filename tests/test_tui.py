@@ -14,6 +14,8 @@ from tui.dialogs import ChoiceScreen, ConfirmScreen
 from tui.plots import AccuracyPlot, LossPlot
 from tui.runs import CompareScreen, RunsScreen
 
+from conftest import ROOT
+
 SIZE = (100, 32)
 
 
@@ -609,3 +611,34 @@ async def test_text_in_square_brackets_is_shown_as_typed_never_read_as_markup(tm
         assert app.is_running and any("got '[/x]'" in str(n.message) for n in app._notifications)
         for n in app._notifications:  # each toast's text as Textual's Toast.render makes it
             assert "[/x]" in str(Content.from_markup(n.message) if n.markup else Content(n.message))
+
+
+def test_attach_opens_the_app_on_a_run_or_says_why_not(tmp_path, capsys):
+    import shutil
+
+    from core.cli import main
+
+    seen = {}
+
+    def launch(cfg, explicit, attach=None):
+        seen.update(runs_dir=cfg.runs_dir, attach=attach)
+        return 0
+
+    runs = tmp_path / "runs"
+    assert main(["attach", "--runs-dir", str(runs)], launch_tui=launch) == 2
+    assert "no run is running in" in capsys.readouterr().err and not seen
+    src = sorted((ROOT / "tests" / "data" / "runs").iterdir())[0]
+    shutil.copytree(src, runs / src.name)
+    assert main(["attach", src.name[:15], "--runs-dir", str(runs)], launch_tui=launch) == 0
+    assert seen == {"runs_dir": str(runs), "attach": runs / src.name}
+
+
+async def test_the_app_opened_on_a_run_shows_its_dashboard(tmp_path):
+    import shutil
+
+    src = sorted((ROOT / "tests" / "data" / "runs").iterdir())[0]
+    shutil.copytree(src, tmp_path / "runs" / src.name)
+    app = TransferLabApp(tiny(tmp_path), attach=tmp_path / "runs" / src.name)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.results, timeout=30)
+        assert not app.screen.live and app.screen.query_one(LossPlot).points() > 0

@@ -5,10 +5,10 @@ import sys
 from typing import Optional, Sequence, Set
 
 
-def launch(cfg, explicit: Set[str]) -> int:
+def launch(cfg, explicit: Set[str], attach=None) -> int:
     from tui.app import run_app
 
-    return run_app(cfg, explicit)
+    return run_app(cfg, explicit, attach=attach)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

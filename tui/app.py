@@ -157,8 +157,11 @@ class TransferLabApp(InstantSwitchApp):
             super().__init__()
             self.error = error
 
-    def __init__(self, cfg: Optional[RunConfig] = None, notes: Iterable[str] = (), runs_dir: Optional[str] = None):
+    def __init__(self, cfg: Optional[RunConfig] = None, notes: Iterable[str] = (), runs_dir: Optional[str] = None,
+                 attach: Optional[Path] = None):
         super().__init__()
+        self.attach_to = attach
+        """A run folder to open at start (`transferlab attach RUN`)."""
         import core.backend  # noqa: F401  oneflow is imported on the main thread, never first in a worker
         from tui.dashboard import DashboardScreen
         from tui.form import FormScreen
@@ -187,6 +190,13 @@ class TransferLabApp(InstantSwitchApp):
         gc.disable()
         self._last_full_gc = time.monotonic()
         self.set_interval(GC_YOUNG_SECONDS, self._collect)
+        if self.attach_to is not None:
+            from core.store import read_run
+            from tui.dashboard import DashboardScreen
+
+            following = read_run(self.attach_to).summary["status"] == "running"
+            await self.switch_mode("runs")
+            self.push_screen(DashboardScreen(live=False, run_dir=self.attach_to, follow=following))
 
     def _collect(self) -> None:
         now = time.monotonic()
@@ -429,13 +439,13 @@ class TransferLabApp(InstantSwitchApp):
         self.mode_screen("runs").action_compare()
 
 
-def run_app(cfg: RunConfig, explicit: Set[str]) -> int:
+def run_app(cfg: RunConfig, explicit: Set[str], attach: Optional[Path] = None) -> int:
     """Open the TUI with `cfg` (settings the user did not give are adapted to this machine) and
     return the exit status: 1 when the interface failed, else that of a run it left going."""
     from core.suggest import machine_defaults
 
     cfg, notes = machine_defaults(cfg, keep=explicit)
-    return asyncio.run(_run_app(TransferLabApp(cfg, notes)))
+    return asyncio.run(_run_app(TransferLabApp(cfg, notes, attach=attach)))
 
 
 async def _run_app(app: TransferLabApp) -> int:

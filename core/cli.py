@@ -274,9 +274,11 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     for line in result.errors:
         err.print(line, markup=False)
-    if result.run_dir is None or (result.status == ev.FAILED and result.message):
+    if result.status == ev.FAILED and result.message:
         err.print(f"error: {result.message}" if result.run_dir is None else f"failed: {result.message}",
                   markup=False)
+    elif result.run_dir is None and result.message:  # a node other than 0: node 0 has the run folder
+        err.print(result.message, markup=False)
     return EXIT_CODES.get(result.status, EXIT_FAILED)
 
 

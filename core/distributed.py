@@ -255,16 +255,23 @@ def launch(cfg: C.RunConfig, topo: Topology, on_signal: Optional[Callable[[str],
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    result = _outcome(named, log, code, killed)
+    result = _outcome(named, log, code, killed, topo.node_rank)
     for leftover in (launch_file, named):
         leftover.unlink(missing_ok=True)
     return result
 
 
-def _outcome(named: Path, log: Path, code: int, killed: bool) -> Launched:
-    """How the run ended, from its summary; a run left "running" by a dead rank is marked failed."""
+def _outcome(named: Path, log: Path, code: int, killed: bool, node_rank: int = 0) -> Launched:
+    """How the run ended, from its summary; a run left "running" by a dead rank is marked failed.
+    On a node other than 0 there is no run folder (node 0 writes it): the launcher's exit code says."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     errors = [line for line in text.splitlines() if line.startswith("error:")]
+    if node_rank != 0:
+        if code == 0:
+            log.unlink(missing_ok=True)
+            return Launched(ev.COMPLETED, "this node's processes ended; node 0 holds the run folder")
+        return Launched(ev.FAILED, f"this node's processes ended with launcher exit code {code}: see {log}",
+                        None, errors)
     run_dir = Path(named.read_text(encoding="utf-8").strip()) if named.exists() else None
     if run_dir is None:
         log_note = f" (their output: {log})" if text.strip() and not errors else ""

@@ -188,3 +188,17 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
     assert (run / "checkpoints" / "last").is_dir()
     with pytest.raises(LookupError):
         _rank_pid(runs_dir, 1)
+
+
+def test_a_node_other_than_0_has_no_run_folder_and_reports_its_launchers_exit(tmp_path):
+    from core import events as ev
+    from core.distributed import _outcome
+
+    log = tmp_path / "x.log"
+    log.write_text("error: something\n")
+    done = _outcome(tmp_path / "x.run", log, 0, False, node_rank=1)
+    assert done.status == ev.COMPLETED and done.run_dir is None
+    log.write_text("error: no data here\n")
+    failed = _outcome(tmp_path / "x.run", log, 1, True, node_rank=1)
+    assert failed.status == ev.FAILED and failed.errors == ["error: no data here"]
+    assert _outcome(tmp_path / "x.run", log, 1, False).status == ev.FAILED  # node 0, no run: failed

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import shlex
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from rich.markup import escape
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a stopped, interrupted or failed run (an id, a "
                        "unique part of one, or a path) in its folder, from its checkpoints/last, with its own "
                        "settings; only --epochs (to train it further) and --runs-dir may be given with it")
+    add_launch_flags(train)
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
     runs = sub.add_parser("runs", help="list the runs in the runs folder")
@@ -204,9 +206,9 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
         if args.command == "stop":
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
         if args.command == "train" and args.resume is not None:
-            if args.detach:
-                raise UsageError(["--resume runs in this terminal: --detach cannot go with it yet "
-                                  "(run it under nohup, or resume from the app)"])
+            if args.detach or args.nproc_per_node or args.nnodes:
+                raise UsageError(["--resume continues a run in one process in this terminal: --detach and "
+                                  "--nproc-per-node/--nnodes cannot go with it yet"])
             run_dir, epochs = resume_from_args(args)
             return cmd_train(None, resume=(run_dir, epochs))
         cfg = config_from_args(args)
@@ -221,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return EXIT_FAILED
         explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
         return launch_tui(cfg, explicit)
+    if args.nproc_per_node is not None or args.nnodes is not None:
+        return cmd_launch(cfg, args)
     if args.detach:
         return cmd_detach(cfg)
     return cmd_train(cfg)
@@ -260,14 +264,14 @@ def resume_from_args(args: argparse.Namespace) -> tuple:
     return run_dir, epochs
 
 
-def _console(stderr: bool = False) -> Any:
+def _console(stderr: bool = False, quiet: bool = False) -> Any:
     """A rich console; when the output is not a terminal, wide enough that tables keep their
-    columns and lines are not broken."""
+    columns and lines are not broken. quiet: prints nothing (ranks other than 0)."""
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, highlight=False, soft_wrap=not stream.isatty(),
-                   width=None if stream.isatty() else 200)
+                   width=None if stream.isatty() else 200, quiet=quiet)
 
 
 def attach_target(runs_dir: str, ref: Optional[str]):
@@ -329,11 +333,74 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    """train's flags for several processes (OneFlow's launcher; core.distributed)."""
+    group = parser.add_argument_group(
+        "several GPUs or nodes", "run through `python -m oneflow.distributed.launch` with "
+        "DistributedDataParallel; --batch-size stays the global batch: each process takes batch/N "
+        "images per step (N = processes in all), so it must be divisible by N")
+    group.add_argument("--nproc-per-node", type=int, metavar="N",
+                       help="processes on this node (one per GPU; on a CPU, one per few cores)")
+    group.add_argument("--nnodes", type=int, metavar="M", help="number of nodes (default: 1)")
+    group.add_argument("--node-rank", type=int, default=0, metavar="R",
+                       help="this node's rank, 0 to M-1 (default: 0; node 0 writes the run folder)")
+    group.add_argument("--master-addr", default="127.0.0.1", metavar="A",
+                       help="address of node 0, reachable from every node (default: 127.0.0.1)")
+    group.add_argument("--master-port", type=int, default=29500, metavar="P",
+                       help="a free TCP port on node 0 (default: 29500)")
+
+
+def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
+    """train --nproc-per-node N: the run on this node's N processes through OneFlow's launcher."""
+    from core.distributed import Topology, check_batch, launch, launcher_command
+    from core.errors import SetupError
+
+    err = _console(stderr=True)
+    topo = Topology(args.nproc_per_node or 1, args.nnodes or 1, args.node_rank, args.master_addr,
+                    args.master_port)
+    problems = topo.problems()
+    if args.detach:
+        problems.append("--detach cannot be combined with --nproc-per-node/--nnodes yet")
+    try:
+        check_batch(cfg.batch_size, topo.world)
+    except SetupError as exc:
+        problems.append(str(exc))
+    if problems:
+        for problem in problems:
+            err.print(f"error: {problem}", markup=False)
+        return EXIT_USAGE
+
+    def told(what: str) -> None:
+        err.print("stopping every process after this step (Ctrl-C again to abort)" if what == "stop"
+                  else "aborting every process", markup=False)
+
+    err.print(f"{topo.world} processes ({topo.nproc_per_node} on this node, rank {topo.node_rank} of "
+              f"{topo.nnodes} nodes): " + " ".join(shlex.quote(a) for a in launcher_command(topo, Path("RUNS/.launch-ddp-*.json"))),
+              markup=False)
+    try:
+        result = launch(cfg, topo, on_signal=told)
+    except (SetupError, OSError) as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_FAILED
+    for line in result.errors:
+        err.print(line, markup=False)
+    if result.status == ev.FAILED and result.message:
+        err.print(f"error: {result.message}" if result.run_dir is None else f"failed: {result.message}",
+                  markup=False)
+    elif result.run_dir is None and result.message:  # a node other than 0: node 0 has the run folder
+        err.print(result.message, markup=False)
+    return EXIT_CODES.get(result.status, EXIT_FAILED)
+
+
 def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int:
     """Train `cfg`, or with `resume` = (run folder, epochs or None) continue that run."""
+    from core import distributed
     from core.errors import SetupError
 
     console, err = _console(), _console(stderr=True)
+    dist = distributed.current()  # one rank of several, started by OneFlow's launcher
+    if dist is not None and not dist.is_main:
+        console = _console(quiet=True)
     signal.signal(signal.SIGTERM, _interrupt)  # before training: nothing to save, end at once
     # Ctrl-C and SIGTERM wait while the spinner's thread starts and oneflow is imported: the
     # kernel hands a signal to any thread that does not block it, and one reaching the spinner
@@ -348,6 +415,8 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
             control = RunControl()
+            if dist is not None:
+                distributed.check_batch(cfg.batch_size, dist.world)
             prepared = prepare_resume(*resume) if resume else prepare(cfg)
         except NothingToResume as exc:
             print_setup_error(err, exc)
@@ -359,10 +428,10 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
     progress = ProgressPrinter(console)
-    listeners = [progress, *filter(None, [adopt_log_listener()])]
+    listeners = [progress, *filter(None, [adopt_log_listener(), distributed.name_run_listener()])]
     previous = {sig: signal.signal(sig, _stop_handler(control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(prepared.cfg, listeners, control, prepared=prepared)
+        result = train(prepared.cfg, listeners, control, prepared=prepared, dist=dist)
     except SetupError as exc:  # the run folder could not be created
         print_setup_error(err, exc)
         return EXIT_FAILED

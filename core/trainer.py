@@ -20,6 +20,7 @@ from core.config import RunConfig, check
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.live import LiveRun
+from core.distributed import Dist, NullWriter
 from core.models import WeightsError, build_model
 from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason, read_run,
                         replace_dir, tidy_run)
@@ -252,17 +253,23 @@ def first_non_finite(model: nn.Module) -> Optional[str]:
 
 
 def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Optional[RunControl] = None,
-          prepared: Optional[Prepared] = None) -> ev.RunFinished:
+          prepared: Optional[Prepared] = None, dist: Optional[Dist] = None) -> ev.RunFinished:
     """Run one training run to its end and return how it finished.
 
     Setup problems raise before a run folder exists; once the run has started, every outcome
     (including an unexpected exception) ends in a RunFinished event and a readable run folder.
+    `dist`: this process is one rank of several (core.distributed): the model is wrapped in DDP
+    and only rank 0 writes the run folder and tells the listeners.
     """
     p = prepared or prepare(cfg)
     control = control or RunControl()
+    if dist is not None:
+        p.model = dist.wrap(p.model)
+        if not dist.is_main:
+            return Trainer(p, NullWriter(), [], control, dist=dist).run()
     live = LiveRun(control)  # heartbeat.json and control.json: the run seen and steered from outside
     writer = RunWriter(p.cfg, resume=p.resume.run_dir) if p.resume else RunWriter(p.cfg)
-    return Trainer(p, writer, [writer, live, *listeners], control).run()
+    return Trainer(p, writer, [writer, live, *listeners], control, dist=dist).run()
 
 
 @dataclass
@@ -276,6 +283,8 @@ class Trainer:
     global_step: int = 0
     _pending: List = field(default_factory=list)
     _flush_every: int = 1
+    dist: Optional[Dist] = None
+    """Set when this process is one rank of several: batches are sharded, sums reduced."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
@@ -286,6 +295,9 @@ class Trainer:
         started = time.time() - (resume.seconds if resume else 0.0)
         status, message, epochs_done = ev.COMPLETED, "", 0
         self.rng = np.random.default_rng(cfg.seed)
+        # The shared rng orders the data, so it must stay the same on every rank: each rank's
+        # flips (as many draws as its share) come from a generator of its own.
+        self.flip_rng = self.rng if self.dist is None else np.random.default_rng([cfg.seed, self.dist.rank])
         self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
         first_epoch = 1
         try:
@@ -355,6 +367,8 @@ class Trainer:
     # -- training ------------------------------------------------------------------------------
 
     def _check_control(self, epoch: int, step: int) -> None:
+        if self.dist is not None:
+            self.dist.agree(self.control)
         if self.control.aborting:
             raise _Interrupted(ev.ABORTED)
         if self.control.stopping:
@@ -382,21 +396,32 @@ class Trainer:
         self._correct = correct = []
         for step, idx in enumerate(order[start:], start + 1):
             self._check_control(epoch, step - 1)
-            x = self.transform(p.train.images[idx], True, self.rng)
+            n_global, weight = len(idx), 1
+            if self.dist is not None:
+                idx, weight = self.dist.shard(idx)
+            x = self.transform(p.train.images[idx], True, self.flip_rng)
             y = flow.tensor(p.train.labels[idx], device=p.device)
             out = p.model(x)
-            loss = self.loss_fn(out, y)
+            if self.dist is None:
+                loss = self.loss_fn(out, y)
+            else:  # DDP averages the gradients over the ranks: this makes them those of the global mean
+                loss = self.sum_loss_fn(out, y) * (weight * self.dist.world / n_global)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             self.global_step += 1
-            self._pending.append((step, self.global_step, loss.detach()))
-            correct.append((out.detach().argmax(dim=1) == y).sum())
-            self._window_images += len(idx)
+            shown = loss.detach() if self.dist is None else self.dist.sum(loss.detach() / self.dist.world)
+            self._pending.append((step, self.global_step, shown))
+            hits = (out.detach().argmax(dim=1) == y).sum()
+            correct.append(hits if weight else hits * 0)
+            self._window_images += n_global
             if len(self._pending) >= self._flush_every:
                 self._flush(epoch)
         self._flush(epoch)
-        train_acc = self._epoch_correct() / len(p.train)
+        if self.dist is None:
+            train_acc = self._epoch_correct() / len(p.train)
+        else:  # every rank's correct predictions (a collective: all ranks get here together)
+            train_acc = float(self.dist.sum(flow.stack(self._correct).sum()).item()) / len(p.train)
         return float(np.mean(self._epoch_losses)), train_acc
 
     def _epoch_order(self, state: Dict[str, Any]) -> Tuple[List[np.ndarray], Dict[str, Any]]:
@@ -438,14 +463,20 @@ class Trainer:
         with flow.no_grad():
             for idx in batches(len(p.test), p.cfg.batch_size, False, self.rng):
                 self._check_control(epoch, self.steps_per_epoch)
+                weight = 1
+                if self.dist is not None:  # each rank its share: every test image counted once
+                    idx, weight = self.dist.shard(idx)
                 x = self.test_transform(p.test.images[idx], False, self.rng)
                 y = flow.tensor(p.test.labels[idx], device=p.device)
                 out = p.model(x)
-                loss_sum.append(self.sum_loss_fn(out, y))
-                correct.append((out.argmax(dim=1) == y).sum())
+                batch_loss, hits = self.sum_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
+                loss_sum.append(batch_loss if weight else batch_loss * 0)
+                correct.append(hits if weight else hits * 0)
         n = len(p.test)
-        return (float(flow.stack(loss_sum).sum().item()) / n,
-                float(flow.stack(correct).sum().item()) / n)
+        total_loss, total_correct = flow.stack(loss_sum).sum(), flow.stack(correct).sum()
+        if self.dist is not None:
+            total_loss, total_correct = self.dist.sum(total_loss), self.dist.sum(total_correct)
+        return float(total_loss.item()) / n, float(total_correct.item()) / n
 
     def _check_weights(self, when: str) -> None:
         """Fail the run if a weight or BatchNorm statistic is NaN/inf: a step's loss is computed
@@ -478,7 +509,10 @@ class Trainer:
     def _save_checkpoint(self, epoch: int, step: int, best: bool, evaluated: bool = False) -> None:
         """_checkpoint, all or nothing: on any failure (disk full, Ctrl-C...) the partial
         .last.tmp-* / .best.tmp-* folders are removed and the previous checkpoints stay as they
-        were (tidy_run); an I/O error becomes a StoreWriteError naming the folder and the reason."""
+        were (tidy_run); an I/O error becomes a StoreWriteError naming the folder and the reason.
+        Of several ranks only rank 0 saves (DDP keeps the weights the same on all)."""
+        if self.dist is not None and not self.dist.is_main:
+            return
         try:
             self._checkpoint(epoch, step, best, evaluated)
         except BaseException as exc:

@@ -414,6 +414,12 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
                 from core.trainer import NothingToResume, RunControl, prepare, prepare_resume, train
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
+            if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+                raise
+            err.print("interrupted before training started; nothing was written")
+            return EXIT_ABORTED
+        try:
             control = RunControl()
             if dist is not None:
                 distributed.check_batch(cfg.batch_size, dist.world)

@@ -12,9 +12,9 @@ def launch(cfg, explicit: Set[str], attach=None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from core.cli import main as cli_main
-
     try:
+        from core.cli import main as cli_main
+
         return cli_main(argv, launch_tui=launch)
     except KeyboardInterrupt:  # Ctrl-C before a command set up its own handling
         print("interrupted", file=sys.stderr)

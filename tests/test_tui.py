@@ -2,6 +2,8 @@
 import asyncio
 import os
 
+import pytest
+
 from textual.widgets import Button, Input, RichLog, Select
 
 from core import events as ev
@@ -642,3 +644,55 @@ async def test_the_app_opened_on_a_run_shows_its_dashboard(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.results, timeout=30)
         assert not app.screen.live and app.screen.query_one(LossPlot).points() > 0
+
+
+def test_killing_the_terminal_mid_run_the_run_completes_and_the_process_exits(tmp_path):
+    """In a real terminal (tmux): the pane is killed while the run trains; the run goes on to
+    "completed" and the process then exits (a SIGCONT that comes with the hangup once restarted
+    Textual's input thread, which spun forever and kept the process alive)."""
+    import shutil
+    import subprocess
+    import time
+
+    from conftest import cli_env, transferlab_cmd
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    sock, runs = f"tl-{os.getpid()}", tmp_path / "runs"
+    tmux = ["tmux", "-L", sock]
+    cmd = " ".join([*transferlab_cmd(), "tui", "--dataset", "digits", "--pretrained", "none", "--image-size", "16",
+                    "--limit-train", "192", "--limit-test", "32", "--batch-size", "16", "--epochs", "2",
+                    "--device", "cpu", "--runs-dir", str(runs)])
+    env = " ".join(f"{k}={v}" for k, v in cli_env().items() if k == "PYTHONPATH")
+    subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "30", f"exec env {env} {cmd}"], check=True)
+    try:
+        pid = int(subprocess.run([*tmux, "display", "-p", "#{pane_pid}"], capture_output=True, text=True).stdout)
+
+        def wait(condition, what, timeout=120):
+            deadline = time.monotonic() + timeout
+            while not condition():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.2)
+
+        screen = lambda: subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+        wait(lambda: "ready to start" in screen(), "the form")
+        subprocess.run([*tmux, "send-keys", "C-r"], check=True)
+        wait(lambda: any('"StepEnded"' in p.read_text() for p in runs.glob("*/metrics.jsonl")), "a step")
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+    def alive():
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    deadline = time.monotonic() + 240
+    while alive():
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the process did not exit after its run")
+        time.sleep(0.5)
+    (run,) = list_runs(runs)
+    assert run.summary["status"] == "completed" and run.summary["epochs_done"] == 2

@@ -403,6 +403,7 @@ class TransferLabApp(InstantSwitchApp):
         """SIGHUP (the terminal closed, the SSH connection dropped): end the interface at once,
         write nothing more to the terminal; a run goes on (run_app)."""
         self.lost_terminal = True
+        restore_job_control_signals()  # the SIGCONT that comes with a hangup would restart the driver
         redirect_output(os.devnull)
         self.exit()
 
@@ -445,7 +446,9 @@ def run_app(cfg: RunConfig, explicit: Set[str], attach: Optional[Path] = None) -
     from core.suggest import machine_defaults
 
     cfg, notes = machine_defaults(cfg, keep=explicit)
-    return asyncio.run(_run_app(TransferLabApp(cfg, notes, attach=attach)))
+    code = asyncio.run(_run_app(TransferLabApp(cfg, notes, attach=attach)))
+    end_process_if_threads_linger(code)
+    return code
 
 
 async def _run_app(app: TransferLabApp) -> int:
@@ -457,8 +460,7 @@ async def _run_app(app: TransferLabApp) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, app.terminal_lost)
     await app.run_async()
-    for sig in (signal.SIGTSTP, signal.SIGCONT):  # Textual's driver leaves its handlers, which
-        signal.signal(sig, signal.SIG_DFL)        # would redraw the interface on a SIGCONT
+    restore_job_control_signals()
     live = app.live
     if live is None or live.done.is_set() or live.status not in ("starting", "running"):
         return app.return_code or 0
@@ -486,6 +488,29 @@ async def _run_app(app: TransferLabApp) -> int:
     if app.return_code:
         return app.return_code
     return EXIT_CODES.get(live.result.status, 1) if live.result else 1
+
+
+def restore_job_control_signals() -> None:
+    """SIGTSTP and SIGCONT back to their defaults. Textual's Linux driver handles them (to
+    suspend and resume the interface) and leaves its handlers installed after it stops: a SIGCONT
+    (sent with every hangup) then restarted its input thread on a terminal that is gone, which
+    spun forever and kept the process from ending."""
+    for sig in (signal.SIGTSTP, signal.SIGCONT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def end_process_if_threads_linger(code: int, grace: float = 2.0) -> None:
+    """After the app and its run: if a thread that is not ours (a driver thread of Textual's)
+    is still alive after `grace` seconds, end the process with `code` instead of waiting for it
+    forever (Python waits for every non-daemon thread before it exits)."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def redirect_output(path: str) -> None:

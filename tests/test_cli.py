@@ -238,7 +238,7 @@ def test_ctrl_c_while_starting_up_ends_with_one_line(tmp_path, delay):
     import signal
     import time
 
-    proc = subprocess.Popen([*transferlab_cmd(), "train", *TINY, "--limit-train", "1000", "--epochs", "3"],
+    proc = subprocess.Popen([*transferlab_cmd(), "train", *TINY, "--limit-train", "400", "--epochs", "1"],
                             cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)

@@ -27,7 +27,7 @@ import numpy as np
 from core import config as C
 from core import events as ev
 from core.errors import SetupError
-from core.store import atomic_write_text, check_runs_dir, mark_failed
+from core.store import check_runs_dir, mark_failed
 
 ENV_DDP_LAUNCH = "TRANSFERLAB_DDP_LAUNCH"
 """Set for the ranks: the launch file; rank 0 names its run folder in LAUNCH.run when it starts."""
@@ -126,18 +126,10 @@ class NullWriter:
         pass
 
 
-class NameRun:
-    """Rank 0's listener: tell the parent which folder the run writes to (LAUNCH.run)."""
+def name_run_listener() -> Optional["NameRun"]:
+    """Rank 0's listener naming its run folder for the parent (LAUNCH.run), when launched."""
+    from core.launch import NameRun
 
-    def __init__(self, launch: str):
-        self.launch = Path(launch)
-
-    def __call__(self, event: ev.Event) -> None:
-        if isinstance(event, ev.RunStarted):
-            atomic_write_text(self.launch.with_suffix(".run"), event.run_dir + "\n")
-
-
-def name_run_listener() -> Optional[NameRun]:
     launch = os.environ.get(ENV_DDP_LAUNCH)
     return NameRun(launch) if launch else None
 

@@ -67,22 +67,29 @@ def start_detached(cfg: C.RunConfig, timeout: float = START_TIMEOUT) -> Detached
     return result
 
 
-class AdoptLog:
-    """A listener for a detached child: when its run starts, move the launch log into the run
-    folder (`output.log`; the open file follows the rename) and tell the parent where the run is."""
+class NameRun:
+    """A listener for a child started by a parent that waits (`--detach`, the launcher's rank 0):
+    when its run starts, name the run folder in LAUNCH.run."""
 
     def __init__(self, launch: str):
         self.launch = Path(launch)
 
     def __call__(self, event: ev.Event) -> None:
-        if not isinstance(event, ev.RunStarted):
-            return
-        run_dir = Path(event.run_dir)
-        try:
-            os.replace(self.launch.with_suffix(".log"), run_dir / "output.log")
-        except OSError:
-            pass  # the log stays beside the launch file; the run goes on
-        atomic_write_text(self.launch.with_suffix(".run"), str(run_dir) + "\n")
+        if isinstance(event, ev.RunStarted):
+            atomic_write_text(self.launch.with_suffix(".run"), str(event.run_dir) + "\n")
+
+
+class AdoptLog(NameRun):
+    """A detached child's NameRun that first moves the launch log into the run folder
+    (`output.log`; the open file follows the rename)."""
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RunStarted):
+            try:
+                os.replace(self.launch.with_suffix(".log"), Path(event.run_dir) / "output.log")
+            except OSError:
+                pass  # the log stays beside the launch file; the run goes on
+        super().__call__(event)
 
 
 def adopt_log_listener() -> Optional[AdoptLog]:

@@ -521,6 +521,7 @@ def run_app_with(monkeypatch, cfg, script):
                         lambda self: real(self, headless=True, size=SIZE, auto_pilot=auto_pilot))
     monkeypatch.setattr("core.suggest.machine_defaults", lambda cfg, keep=(): (cfg, []))
     monkeypatch.setattr(app_module, "redirect_output", lambda path: seen.setdefault("redirected", path))
+    monkeypatch.setattr(app_module, "exit_when_the_run_ends", lambda app: seen.setdefault("watchdog", True))
     return app_module.run_app(cfg, set()), seen
 
 
@@ -552,7 +553,7 @@ def test_losing_the_terminal_ends_the_interface_and_the_run_completes(tmp_path, 
     code, seen = run_app_with(monkeypatch, tiny(tmp_path, **LONGER), script)
     (run,) = list_runs(tmp_path / "runs")
     assert code == 0 and run.summary["status"] == "completed" and run.summary["epochs_done"] == 3
-    assert seen["app"].lost_terminal and seen["app"].live.status == "running"
+    assert seen["app"].lost_terminal and seen["app"].live.status == "running" and seen["watchdog"]
 
 
 def test_an_error_in_the_interface_stops_the_run_with_a_checkpoint_and_says_why(tmp_path, monkeypatch):

@@ -405,6 +405,7 @@ class TransferLabApp(InstantSwitchApp):
         self.lost_terminal = True
         restore_job_control_signals()  # the SIGCONT that comes with a hangup would restart the driver
         redirect_output(os.devnull)
+        exit_when_the_run_ends(self)
         self.exit()
 
     # -- command palette ------------------------------------------------------------------------
@@ -488,6 +489,25 @@ async def _run_app(app: TransferLabApp) -> int:
     if app.return_code:
         return app.return_code
     return EXIT_CODES.get(live.result.status, 1) if live.result else 1
+
+
+def exit_when_the_run_ends(app: "TransferLabApp", grace: float = 5.0) -> None:
+    """After a hangup: a watchdog thread ends the process `grace` seconds after the run has
+    ended (at once if there is none), whatever the main thread is stuck in. With the terminal
+    gone, a Textual thread or the event loop's shutdown could otherwise wait on it forever (seen
+    in CI: the run completed, the process stayed)."""
+    from core.cli import EXIT_CODES
+
+    def watch() -> None:
+        live = app.live
+        if live is not None:
+            live.done.wait()
+        time.sleep(grace)
+        result = live.result if live is not None else None
+        code = app.return_code or (EXIT_CODES.get(result.status, 1) if result else 0)
+        os._exit(code)
+
+    threading.Thread(target=watch, name="exit-after-hangup", daemon=True).start()
 
 
 def restore_job_control_signals() -> None:

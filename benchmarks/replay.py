@@ -43,7 +43,7 @@ from tui.runs import RunsScreen  # noqa: E402
 def old_open(self: RunsScreen) -> None:
     run = self.current()
     if run is not None:
-        self.app.push_screen(DashboardScreen(events=read_events(run.path), live=False))
+        self.app.push_screen(DashboardScreen(events=read_events(run.path)))
 
 
 def old_apply_all(self: DashboardScreen, recorded) -> None:

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.add_argument("--detach", action="store_true",
                        help="start the run as its own background process (it outlives this terminal; "
-                            "output in RUN/output.log), print its id and return")
+                            "output in RUN/output.log), print its id and return; also with --resume, and with "
+                            "--nproc-per-node (the launcher and its processes in the background)")
     train.add_argument("--resume", metavar="RUN", help="continue a stopped, interrupted or failed run (an id, a "
                        "unique part of one, or a path) in its folder, from its checkpoints/last, with its own "
                        "settings; only --epochs (to train it further) and --runs-dir may be given with it")
@@ -206,10 +207,12 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
         if args.command == "stop":
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
         if args.command == "train" and args.resume is not None:
-            if args.detach or args.nproc_per_node or args.nnodes:
-                raise UsageError(["--resume continues a run in one process in this terminal: --detach and "
-                                  "--nproc-per-node/--nnodes cannot go with it yet"])
+            if args.nproc_per_node or args.nnodes:
+                raise UsageError(["--resume continues a run in one process: --nproc-per-node/--nnodes "
+                                  "cannot go with it yet"])
             run_dir, epochs = resume_from_args(args)
+            if args.detach:
+                return cmd_detach(None, resume=(run_dir, epochs))
             return cmd_train(None, resume=(run_dir, epochs))
         cfg = config_from_args(args)
     except UsageError as exc:
@@ -223,10 +226,10 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return EXIT_FAILED
         explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
         return launch_tui(cfg, explicit)
+    if args.detach and (args.nnodes or 1) == 1:  # with --nproc-per-node: the launcher in the background
+        return cmd_detach(cfg, processes=args.nproc_per_node or 1, port=args.master_port)  # None: a free one
     if args.nproc_per_node is not None or args.nnodes is not None:
         return cmd_launch(cfg, args)
-    if args.detach:
-        return cmd_detach(cfg)
     return cmd_train(cfg)
 
 
@@ -293,33 +296,46 @@ def attach_target(runs_dir: str, ref: Optional[str]):
     return running[-1].path
 
 
-def cmd_detach(cfg: C.RunConfig) -> int:
-    """train --detach: start the run in the background, say which it is, return."""
+def cmd_detach(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, processes: int = 1,
+               port: Optional[int] = None) -> int:
+    """train --detach: start the run (or the resumption of `resume` = (run folder, epochs)) in the
+    background, through the launcher with processes > 1; say which run it is; return."""
+    from core.distributed import Topology, check_batch
     from core.errors import SetupError
     from core.launch import start_detached
 
     console, err = _console(), _console(stderr=True)
+    run_dir, epochs = resume or (None, None)
     try:
+        if processes > 1:
+            problems = Topology(processes).problems()
+            if problems:
+                raise UsageError(problems)
+            check_batch(cfg.batch_size, processes)
         with console.status("starting the run in the background (loading data and model)..."):
-            started = start_detached(cfg)
+            started = start_detached(cfg, resume=run_dir, epochs=epochs, processes=processes, port=port)
+    except UsageError as exc:
+        for problem in exc.problems:
+            err.print(f"error: {problem}", markup=False)
+        return EXIT_USAGE
     except (SetupError, OSError) as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_FAILED
     if started.exit_code is not None:  # it could not start: its log holds the one-line reason
-        lines = started.log.read_text(encoding="utf-8", errors="replace").splitlines() if started.log.exists() else []
-        reason = [line for line in lines if line.startswith("error:")] or lines[-1:] or ["(no output)"]
-        for line in reason:
+        for line in started.reason():
             err.print(line, markup=False)
-        started.log.unlink(missing_ok=True)
         return started.exit_code or EXIT_FAILED
     if started.run_dir is None:
         console.print(f"started in the background (pid {started.pid}); still loading data and model after "
                       f"a while: its output is in {started.log}", markup=False)
         return EXIT_OK
-    run_id = started.run_dir.name
-    console.print(f"run {run_id} started in the background (pid {started.pid})", markup=False)
-    console.print(f"  output: {started.log}\n  watch:  transferlab runs --runs-dir {cfg.runs_dir}\n"
-                  f"  stop:   kill -TERM {started.pid}   (stops gracefully, saving a checkpoint)", markup=False)
+    run_id, runs_dir = started.run_dir.name, started.run_dir.parent
+    how = f" on {processes} processes" if processes > 1 else ""
+    console.print(f"run {run_id} {'resumed' if resume else 'started'} in the background{how} (pid {started.pid})",
+                  markup=False)
+    console.print(f"  output: {started.log}\n  watch:  transferlab attach {run_id} --runs-dir {runs_dir}\n"
+                  f"  stop:   transferlab stop {run_id} --runs-dir {runs_dir}   (saves a checkpoint; --abort: at once)",
+                  markup=False)
     return EXIT_OK
 
 
@@ -331,6 +347,10 @@ def print_setup_error(err: Any, exc: Any) -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+DEFAULT_PORT = 29500
+"""The launcher's own default --master-port."""
 
 
 def add_launch_flags(parser: argparse.ArgumentParser) -> None:
@@ -346,8 +366,8 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
                        help="this node's rank, 0 to M-1 (default: 0; node 0 writes the run folder)")
     group.add_argument("--master-addr", default="127.0.0.1", metavar="A",
                        help="address of node 0, reachable from every node (default: 127.0.0.1)")
-    group.add_argument("--master-port", type=int, default=29500, metavar="P",
-                       help="a free TCP port on node 0 (default: 29500)")
+    group.add_argument("--master-port", type=int, metavar="P",
+                       help=f"a free TCP port on node 0 (default: {DEFAULT_PORT}; with --detach, a free one)")
 
 
 def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
@@ -357,10 +377,11 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
 
     err = _console(stderr=True)
     topo = Topology(args.nproc_per_node or 1, args.nnodes or 1, args.node_rank, args.master_addr,
-                    args.master_port)
+                    DEFAULT_PORT if args.master_port is None else args.master_port)
     problems = topo.problems()
     if args.detach:
-        problems.append("--detach cannot be combined with --nproc-per-node/--nnodes yet")
+        problems.append("--detach starts the processes of this node only: with --nnodes, start each node's "
+                        "command in the background yourself (nohup ... &)")
     try:
         check_batch(cfg.batch_size, topo.world)
     except SetupError as exc:
@@ -411,7 +432,8 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
         try:
             try:
                 from core.launch import adopt_log_listener
-                from core.trainer import NothingToResume, RunControl, prepare, prepare_resume, train
+                from core.runner import Local
+                from core.trainer import NothingToResume
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
@@ -419,11 +441,13 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
                 raise
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
+        progress = ProgressPrinter(console)
+        listeners = [progress, *filter(None, [adopt_log_listener(), distributed.name_run_listener()])]
+        run = Local(cfg, *(resume or (None, None)), listeners=listeners, dist=dist)
         try:
-            control = RunControl()
             if dist is not None:
                 distributed.check_batch(cfg.batch_size, dist.world)
-            prepared = prepare_resume(*resume) if resume else prepare(cfg)
+            run.prepare()
         except NothingToResume as exc:
             print_setup_error(err, exc)
             return EXIT_USAGE
@@ -433,11 +457,9 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
         except KeyboardInterrupt:
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
-    progress = ProgressPrinter(console)
-    listeners = [progress, *filter(None, [adopt_log_listener(), distributed.name_run_listener()])]
-    previous = {sig: signal.signal(sig, _stop_handler(control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, _stop_handler(run.control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(prepared.cfg, listeners, control, prepared=prepared, dist=dist)
+        result = run.train()
     except SetupError as exc:  # the run folder could not be created
         print_setup_error(err, exc)
         return EXIT_FAILED
@@ -599,6 +621,7 @@ def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
     import time
 
     from core import live
+    from core.runner import attach
     from core.store import error_reason, find_run, read_run
 
     console, err = _console(), _console(stderr=True)
@@ -613,7 +636,8 @@ def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
         err.print(f"error: run {run.run_id} is not running (status: {status})", markup=False)
         return EXIT_USAGE
     try:
-        live.request(path, action)
+        target = attach(path)
+        target.stop() if action == "stop" else target.abort()
     except OSError as exc:
         err.print(f"error: cannot write the request in {path}: {error_reason(exc)}", markup=False)
         return EXIT_FAILED

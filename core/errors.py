@@ -32,3 +32,10 @@ def printable(text: str, limit: int = MAX_LINE) -> str:
     characters (then "...")."""
     flat = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
     return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (OneFlow's errors
+    run over many lines; the whole text goes to the run's error.txt)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

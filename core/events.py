@@ -73,6 +73,16 @@ class RunFinished:
 
 
 @dataclass(frozen=True)
+class RunLost:
+    """A followed run stopped training without saying how (its process was killed, its heartbeat
+    went stale). Never recorded: made by whoever follows the run (core.runner.Remote), with the
+    status the run store gives it ("interrupted", or what a launcher marked it)."""
+
+    status: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class RunResumed:
     """A run continues in its own folder from its last checkpoint (a new RunStarted follows).
     What the run recorded after that checkpoint (a run killed mid-epoch) is redone: readers

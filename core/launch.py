@@ -1,7 +1,9 @@
-"""Starting a run as its own process in the background (`transferlab train --detach`).
+"""Starting a run as its own process in the background (`transferlab train --detach`, the form's
+"run in background" and "processes"; core.runner.Background uses it).
 
 The parent checks the runs folder, writes the resolved settings to a launch file in it and starts
-`transferlab train --config LAUNCH` in a new session (no terminal: closing the parent's does not
+`transferlab train --config LAUNCH` (or `train --resume RUN`; with `--nproc-per-node N` through
+OneFlow's launcher, whose rank 0 does the naming below) in a new session (no terminal: closing the parent's does not
 touch it), its output going to a log file beside the launch file. When the run has started,
 the child moves the log into its run folder as `output.log` and names its run folder in
 `LAUNCH.run`; the parent waits for that (or for the child to fail while setting up) and says
@@ -10,12 +12,15 @@ which run it is. Nothing in the run depends on the parent afterwards: the run is
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from core import config as C
 from core import events as ev
@@ -36,35 +41,96 @@ class Detached:
     exit_code: Optional[int] = None
     """Set when the child ended before its run started (a setup error, told in its log)."""
 
+    def reason(self) -> List[str]:
+        """Why a child that ended before its run started did (its `error:` lines, else its last
+        line), read from its log, which is then removed (nothing else of it remains)."""
+        try:
+            lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        self.log.unlink(missing_ok=True)
+        return [line for line in lines if line.startswith("error:")] or lines[-1:] or ["(no output)"]
 
-def start_detached(cfg: C.RunConfig, timeout: float = START_TIMEOUT) -> Detached:
-    """Start `cfg` as a background process and wait until its run has started (or failed to)."""
-    runs_dir = check_runs_dir(cfg.runs_dir)
-    launch = runs_dir / f".launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
-    C.save(cfg, launch)
-    log = launch.with_suffix(".log")
-    with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tui", "train", "--config", str(launch)], stdin=stdin, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, ENV_LAUNCH: str(launch)},
-            cwd=os.getcwd())
-    started = launch.with_suffix(".run")
-    deadline = time.monotonic() + timeout
-    result = Detached(child.pid, log)
-    while time.monotonic() < deadline:
-        if started.exists():
-            result.run_dir = Path(started.read_text(encoding="utf-8").strip())
-            result.log = result.run_dir / "output.log"
-            break
-        code = child.poll()
-        if code is not None:
-            result.exit_code = code
-            break
-        time.sleep(0.1)
-    if result.run_dir is not None or result.exit_code is not None:
-        for leftover in (launch, started):
-            leftover.unlink(missing_ok=True)
-    return result
+
+def train_args(cfg: Optional[C.RunConfig] = None, launch: Optional[Path] = None, resume: Optional[Path] = None,
+               epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None) -> List[str]:
+    """The `transferlab train` arguments of a background child: the settings in `launch` (a
+    config file), or `--resume` of the run folder `resume`; through the launcher with processes > 1
+    (its ranks talking on `port`, default: a free one)."""
+    if resume is not None:
+        args = ["train", "--resume", str(resume)] + (["--epochs", str(epochs)] if epochs else [])
+    else:
+        args = ["train", "--config", str(launch)]
+    if processes > 1:
+        args += ["--nproc-per-node", str(processes), "--master-port", str(port or free_port())]
+    return args
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's ranks of a run started here: two
+    runs on the launcher's default port would meet each other)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """A `transferlab train` process started in the background, until its run has started."""
+
+    def __init__(self, cfg: Optional[C.RunConfig] = None, resume: Optional[Path] = None,
+                 epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None):
+        runs_dir = check_runs_dir(cfg.runs_dir if cfg is not None else Path(resume).parent)
+        self.launch = runs_dir / f".launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
+        if cfg is not None:
+            C.save(cfg, self.launch)
+        log = self.launch.with_suffix(".log")
+        argv = [sys.executable, "-m", "tui", *train_args(cfg, self.launch, resume, epochs, processes, port)]
+        with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, ENV_LAUNCH: str(self.launch)}, cwd=os.getcwd())
+        self.state = Detached(self.process.pid, log)
+
+    def poll(self) -> bool:
+        """True once the run started (state.run_dir) or the child ended before it did (state.exit_code)."""
+        state, started = self.state, self.launch.with_suffix(".run")
+        if state.run_dir is None and state.exit_code is None:
+            if started.exists():
+                state.run_dir = Path(started.read_text(encoding="utf-8").strip())
+                state.log = state.run_dir / "output.log"
+            else:
+                state.exit_code = self.process.poll()
+        done = state.run_dir is not None or state.exit_code is not None
+        if done:
+            for leftover in (self.launch, started):
+                leftover.unlink(missing_ok=True)
+        return done
+
+    def wait(self, timeout: float = START_TIMEOUT, cancelled: Optional[threading.Event] = None) -> Detached:
+        """Wait until the run started or the child ended (at most `timeout` seconds, or until
+        `cancelled` is set); the state then, whichever it is."""
+        deadline = time.monotonic() + timeout
+        while not self.poll() and time.monotonic() < deadline:
+            if cancelled is not None and cancelled.wait(0.1):
+                break
+            if cancelled is None:
+                time.sleep(0.1)
+        return self.state
+
+    def terminate(self) -> None:
+        """Ask the child to end (SIGTERM to its session: before training it ends at once, while
+        training it stops gracefully; a launcher parent forwards it to every rank)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def start_detached(cfg: Optional[C.RunConfig] = None, timeout: float = START_TIMEOUT, resume: Optional[Path] = None,
+                   epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None) -> Detached:
+    """Start `cfg` (or the resumption of the run folder `resume`) as a background process and
+    wait until its run has started (or failed to)."""
+    return Child(cfg, resume, epochs, processes, port).wait(timeout)
 
 
 class NameRun:
@@ -85,11 +151,22 @@ class AdoptLog(NameRun):
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.RunStarted):
+            log = Path(event.run_dir) / "output.log"
             try:
-                os.replace(self.launch.with_suffix(".log"), Path(event.run_dir) / "output.log")
+                if log.exists():  # a resumed run: its earlier output is kept beside
+                    os.replace(log, _free_name(log))
+                os.replace(self.launch.with_suffix(".log"), log)
             except OSError:
                 pass  # the log stays beside the launch file; the run goes on
         super().__call__(event)
+
+
+def _free_name(path: Path) -> Path:
+    """output.log -> the first of output.1.log, output.2.log... that does not exist."""
+    n = 1
+    while path.with_suffix(f".{n}{path.suffix}").exists():
+        n += 1
+    return path.with_suffix(f".{n}{path.suffix}")
 
 
 def adopt_log_listener() -> Optional[AdoptLog]:

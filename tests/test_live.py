@@ -13,6 +13,7 @@ import pytest
 from conftest import cli_env, transferlab_cmd
 from core import cli, live
 from core.store import read_run
+from core.runner import attach
 from test_cli import Training
 
 RECORDED = Path(__file__).parent / "data" / "runs"
@@ -333,7 +334,7 @@ async def test_the_runs_screen_attaches_to_a_run_training_elsewhere_and_stops_it
         plot = dash.query_one(LossPlot)
         await pilot_wait(pilot, lambda: plot.points() > 0)
         print(f"attach: {1000 * (time.monotonic() - pressed):.0f} ms from enter to the first plotted point")
-        assert dash.follow and dash.status == "running" and dash.sub_title == "run (attached)"
+        assert dash.run is not None and dash.status == "running" and dash.sub_title == "run (attached)"
         seen = plot.points()
         await pilot_wait(pilot, lambda: plot.points() > seen)  # it follows the file as it grows
         assert "ETA" in str(dash.query_one("#stats").render())
@@ -362,7 +363,7 @@ async def test_an_attached_run_that_dies_is_seen_interrupted_and_abort_asks_firs
     app = TransferLabApp(RunConfig(runs_dir=str(tmp_path / "runs")))
     async with app.run_test(size=(100, 32)) as pilot:
         await pilot.pause()
-        app.push_screen(DashboardScreen(live=False, run_dir=run, follow=True))
+        app.push_screen(DashboardScreen(run=attach(run)))
         await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
         reads, real_read = [], live.MetricsFollower.read
         monkeypatch.setattr(live.MetricsFollower, "read", lambda self: reads.append(1) or real_read(self))
@@ -372,7 +373,7 @@ async def test_an_attached_run_that_dies_is_seen_interrupted_and_abort_asks_firs
         count = len(reads)
         await pilot.pause(1.0)
         assert len(reads) == count
-        app.push_screen(DashboardScreen(live=False, run_dir=run, follow=True))
+        app.push_screen(DashboardScreen(run=attach(run)))
         await pilot_wait(pilot, lambda: isinstance(app.screen, DashboardScreen))
         await pilot.pause()
         dash = app.screen

@@ -213,7 +213,7 @@ async def test_runs_screen_lists_overlays_and_compares(tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         replay = app.screen
-        assert isinstance(replay, DashboardScreen) and not replay.live
+        assert isinstance(replay, DashboardScreen) and replay.pushed and replay.run is None
         await wait_until(pilot, lambda: replay.results, timeout=10)  # metrics are read in a thread
         assert replay.query_one(LossPlot).points() == 3
 
@@ -586,7 +586,7 @@ async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
         await pilot.press("escape")
         await pilot.pause()
         assert not isinstance(app.screen, ChoiceScreen) and app.running
-        app.live.control.request_abort()
+        app.live.run.abort()
         await app.workers.wait_for_complete()
 
 
@@ -644,7 +644,7 @@ async def test_the_app_opened_on_a_run_shows_its_dashboard(tmp_path):
     app = TransferLabApp(tiny(tmp_path), attach=tmp_path / "runs" / src.name)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.results, timeout=30)
-        assert not app.screen.live and app.screen.query_one(LossPlot).points() > 0
+        assert app.screen.pushed and app.screen.query_one(LossPlot).points() > 0
 
 
 def test_killing_the_terminal_mid_run_the_run_completes_and_the_process_exits(tmp_path):

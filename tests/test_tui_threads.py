@@ -211,7 +211,7 @@ async def test_a_short_run_replays_the_same_from_its_folder_and_from_events(tmp_
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         shown = []
-        for screen in (DashboardScreen(events=real(run_dir), live=False), DashboardScreen(live=False, run_dir=run_dir)):
+        for screen in (DashboardScreen(events=real(run_dir)), DashboardScreen(run_dir=run_dir)):
             await app.push_screen(screen)
             await pilot.pause()
             if screen.run_dir is not None:
@@ -313,7 +313,7 @@ def crash_after_the_run_started(monkeypatch, armed):
 
     real = core.trainer.train
 
-    def crashing(cfg, listeners=(), control=None, prepared=None):
+    def crashing(cfg, listeners=(), control=None, prepared=None, dist=None):
         if not armed:
             return real(cfg, listeners, control, prepared=prepared)
         writer = RunWriter(cfg)

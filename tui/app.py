@@ -1,8 +1,10 @@
 """The TransferLab app: three modes (form, dashboard, runs) and the training worker.
 
-The run executes core.trainer.train in one exclusive thread worker. The worker never touches a
-widget: a bridge (a core listener) queues step events for the UI to drain every 0.1 s and posts
-every other event as a message right away. The UI thread never calls oneflow.
+A run started here is a core.runner.Run: trained in one exclusive thread worker of the app
+(Local), or in its own process (Background: "run in background", several processes) that the
+worker follows. The worker never touches a widget: the dashboard's feed (a core listener)
+queues step events for the UI to drain every 0.1 s and posts every other event as a message
+right away; the app's own listener posts the run's start and end. The UI thread never calls oneflow.
 """
 from __future__ import annotations
 
@@ -13,11 +15,9 @@ import signal
 import sys
 import threading
 import time
-import traceback
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Iterable, List, Optional, Set
+from typing import Any, Iterable, Optional, Set
 
 from textual import events, on, work
 from textual.app import SystemCommand
@@ -75,52 +75,43 @@ def lower_training_priority(niceness: int = TRAINING_NICENESS) -> int:
     return changed
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message (OneFlow's errors
-    run over many lines; the whole text goes to the run's error.txt)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+class StatusFeed:
+    """The app's core listener of its run (called in the thread that runs it): the run's start
+    and end, posted as messages; steps are the dashboard's (tui.dashboard.RunFeed)."""
 
-
-class EventBridge:
-    """A core listener, called in the worker thread. Step events wait in a deque (drained by the
-    UI on a timer); every other event is posted at once as a message, never coalesced."""
-
-    def __init__(self, app: "TransferLabApp"):
-        self.app = app
-        self.steps: Deque[ev.StepEnded] = deque()
-        self.run_dir: Optional[str] = None
-        """The run's folder, once it started (known to the worker thread)."""
+    def __init__(self, app: "TransferLabApp", here: bool):
+        self.app, self.here = app, here
 
     def __call__(self, event: ev.Event) -> None:
-        if isinstance(event, ev.StepEnded):
-            self.steps.append(event)
-            return
-        if isinstance(event, ev.RunStarted):
-            self.run_dir = event.run_dir
-        self.app.post_message(TransferLabApp.RunEvent(event))
-
-    def drain(self) -> List[ev.StepEnded]:
-        out = []
-        while self.steps:
-            out.append(self.steps.popleft())
-        return out
+        if isinstance(event, (ev.RunStarted, ev.RunFinished, ev.RunLost)):
+            if isinstance(event, ev.RunStarted) and self.here:
+                lower_training_priority()  # and the threads OneFlow started for the model and data
+            self.app.post_message(TransferLabApp.RunStatus(event))
 
 
 @dataclass
 class LiveRun:
+    """The run this app started: a core.runner.Run (in its worker thread, or a background process)."""
+
     cfg: RunConfig
-    control: object
-    bridge: EventBridge
+    run: Any
     run_id: str = ""
     status: str = "starting"
-    """As the interface knows it (from the worker's messages)."""
-    done: threading.Event = field(default_factory=threading.Event)
-    """Set by the worker thread when it ends, however it ends (the interface may be gone)."""
-    result: Optional[ev.RunFinished] = None
-    """How the run ended, set by the worker thread (None if it never started or crashed)."""
-    resume: Optional[Path] = None
-    """The folder of the stopped run this one continues."""
+    """As the interface knows it (from the run's events)."""
+
+    @property
+    def done(self) -> threading.Event:
+        """Set when the run has ended (or, for one in another process, the app let go of it)."""
+        return self.run.done
+
+    @property
+    def result(self) -> Optional[ev.RunFinished]:
+        return self.run.result
+
+    @property
+    def resume(self) -> Optional[Path]:
+        """The folder of the stopped run this one continues."""
+        return self.run.resume
 
 
 class TransferLabApp(InstantSwitchApp):
@@ -136,19 +127,12 @@ class TransferLabApp(InstantSwitchApp):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    class RunEvent(Message):
-        """A non-step core event of the live run (posted from the worker thread)."""
+    class RunStatus(Message):
+        """The app's run started or ended (posted from the thread that runs it)."""
 
         def __init__(self, event: ev.Event) -> None:
             super().__init__()
             self.event = event
-
-    class RunHistory(Message):
-        """What a resumed run recorded before (read in the worker), to show the whole run."""
-
-        def __init__(self, events: List[ev.Event]) -> None:
-            super().__init__()
-            self.events = events
 
     class RunCouldNotStart(Message):
         """Setup failed (bad data path, missing weights, unusable GPU...): nothing was created."""
@@ -177,7 +161,6 @@ class TransferLabApp(InstantSwitchApp):
 
     def on_mount(self) -> None:
         self.switch_mode("form")
-        self.set_interval(0.1, self._drain_steps)
         self.call_after_refresh(self._build_screens)
 
     async def _build_screens(self) -> None:
@@ -192,11 +175,10 @@ class TransferLabApp(InstantSwitchApp):
         self.set_interval(GC_YOUNG_SECONDS, self._collect)
         if self.attach_to is not None:
             from core.store import read_run
-            from tui.dashboard import DashboardScreen
 
             following = read_run(self.attach_to).summary["status"] == "running"
             await self.switch_mode("runs")
-            self.push_screen(DashboardScreen(live=False, run_dir=self.attach_to, follow=following))
+            self.mode_screen("runs").open_run(self.attach_to, following)
 
     def _collect(self) -> None:
         now = time.monotonic()
@@ -229,11 +211,14 @@ class TransferLabApp(InstantSwitchApp):
     def running(self) -> bool:
         return self.live is not None and self.live.status in ("starting", "running")
 
-    async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None) -> bool:
-        """Start training `cfg` in the worker and show the dashboard; with `resume` (a run
-        folder), continue that stopped run instead, with its own settings. False (with a toast)
-        if a run is in progress or the run cannot be continued."""
-        from core.trainer import ResumeError, RunControl, plan_resume
+    async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None,
+                        background: bool = False, processes: int = 1) -> bool:
+        """Start training `cfg` and show the dashboard: in the app's worker thread, or with
+        `background` (always with processes > 1) as its own process that the dashboard follows.
+        With `resume` (a run folder), continue that stopped run instead, with its own settings.
+        False (with a toast) if a run is in progress or the run cannot be continued."""
+        from core.runner import Background, Local
+        from core.trainer import ResumeError, plan_resume
 
         if self.running:
             self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
@@ -246,85 +231,57 @@ class TransferLabApp(InstantSwitchApp):
                 return False
         else:
             self.runs_dir = cfg.runs_dir
-        self.live = LiveRun(cfg, RunControl(), EventBridge(self), resume=resume)
+        elsewhere = background or processes > 1
+        run = Background(cfg if resume is None else None, resume, processes=processes) if elsewhere \
+            else Local(cfg if resume is None else None, resume)
+        run.listeners.append(StatusFeed(self, run.here))
+        self.live = LiveRun(cfg, run)
         await self.switch_mode("dashboard")
-        self.dashboard.begin(cfg)
+        self.dashboard.begin(cfg, where="in the background" + (f" on {processes} processes" if processes > 1 else "")
+                             if elsewhere else "")
+        self.dashboard.show_run(run)
         self._train(self.live)
         return True
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _train(self, live: LiveRun) -> None:
-        try:
-            live.result = self._run(live)
-        finally:
-            live.done.set()
+        """The worker's work: the run, to its end (one in another process: followed until it ends
+        or the app lets go of it). Setup errors are posted; an error of a started run ends the
+        worker in ERROR (on_worker_state_changed reports it; the run's folder says "failed")."""
+        from core.errors import SetupError, one_line
 
-    def _run(self, live: LiveRun) -> Optional[ev.RunFinished]:
-        """The worker's work: set up and train `live`; how it finished, or None if it did not start."""
-        from core.errors import SetupError
-        from core.store import mark_failed
-        from core.store import read_events
-        from core.trainer import plan_resume, prepare, prepare_resume, train
-
-        lower_training_priority()
+        if live.run.here:
+            lower_training_priority()
         try:
-            if live.resume is not None:  # first what the run did so far, then it continues live
-                marker = plan_resume(live.resume).marker()
-                history = ev.as_one_run([*read_events(live.resume), marker])[:-1]
-                self.post_message(self.RunHistory(history))
-                prepared = prepare_resume(live.resume)
-            else:
-                prepared = prepare(live.cfg)
-            lower_training_priority()  # and the threads OneFlow started for the model and data
+            live.run.run()
         except SetupError as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
-            return None
-        except Exception as exc:  # anything else while setting up: report, never crash the app
-            self.post_message(self.RunCouldNotStart(one_line(exc)))
-            return None
-        try:
-            return train(live.cfg, [live.bridge], live.control, prepared=prepared)
-        except SetupError as exc:  # the run folder could not be created
-            self.post_message(self.RunCouldNotStart(str(exc)))
-            return None
-        except Exception as exc:  # escaped the trainer's own handling: on_worker_state_changed reports it
-            if live.bridge.run_dir is not None:
-                mark_failed(live.bridge.run_dir, one_line(exc), traceback.format_exc())
-            raise
+        except Exception as exc:
+            if not live.run.set_up:  # anything else while setting up: report, never crash the app
+                self.post_message(self.RunCouldNotStart(one_line(exc)))
+            else:
+                raise
 
     @property
     def dashboard(self):
         return self.mode_screen("dashboard")
 
-    def _drain_steps(self) -> None:
-        if self.live is not None and self.live.bridge.steps and self.dashboard is not None:
-            self.dashboard.apply_steps(self.live.bridge.drain())
-
-    @on(RunEvent)
-    def _on_run_event(self, message: RunEvent) -> None:
+    @on(RunStatus)
+    def _on_run_status(self, message: RunStatus) -> None:
         live, event = self.live, message.event
         if live is None:
             return
-        if self.dashboard is not None:
-            steps = live.bridge.drain()
-            if steps:
-                self.dashboard.apply_steps(steps)
-            self.dashboard.apply(event)
         if isinstance(event, ev.RunStarted):
             live.run_id, live.status = event.run_id, "running"
-        elif isinstance(event, ev.RunFinished):
+        elif isinstance(event, (ev.RunFinished, ev.RunLost)):
             live.status = event.status
             severity = "information" if event.status == ev.COMPLETED else "warning"
-            final = "" if event.final_test_acc is None else f": final test accuracy {event.final_test_acc:.4f}"
+            final = getattr(event, "final_test_acc", None)
+            final = "" if final is None else f": final test accuracy {final:.4f}"
             self.notify(f"Run {event.status}{final}", severity=severity if event.status != ev.FAILED else "error")
             self.refresh_runs()
             if self.quit_after_run:
                 self.exit()
-
-    @on(RunHistory)
-    def _on_run_history(self, message: RunHistory) -> None:
-        if self.dashboard is not None:
-            self.dashboard.apply_all(message.events)
 
     @on(RunCouldNotStart)
     def _on_could_not_start(self, message: RunCouldNotStart) -> None:
@@ -337,35 +294,27 @@ class TransferLabApp(InstantSwitchApp):
             self.exit()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        """A crash in the worker outside train()'s own handling: show it, keep the app alive.
-        (The worker has marked the run's folder failed, if the run had one.)"""
+        """A crash in the worker outside the trainer's own handling: show it, keep the app alive.
+        (core.runner has marked the run's folder failed.)"""
+        from core.errors import one_line
+
         if event.worker.name == "train" and event.state == WorkerState.ERROR and self.live is not None:
             error = one_line(event.worker.error)
-            started = bool(self.live.run_id)
             self.live.status = ev.FAILED
             if self.dashboard is not None:
-                if started:
-                    self.dashboard.crashed(error)
-                else:
-                    self.dashboard.could_not_start(error)
+                self.dashboard.crashed(error)
             self.notify(error, title="The run failed", severity="error", timeout=10)
             self.refresh_runs()
             if self.quit_after_run:
                 self.exit(return_code=1)  # the app ends on an error: its exit status says so
 
     def stop_run(self) -> None:
-        if self.running:
-            self.live.control.request_stop()
-            self.notify("Stopping after this step; a checkpoint will be saved.")
+        if self.running and self.dashboard is not None:
+            self.dashboard.action_stop()
 
     def abort_run(self) -> None:
-        def confirmed(yes: Optional[bool]) -> None:
-            if yes and self.running:
-                self.live.control.request_abort()
-                self.notify("Aborting the run.", severity="warning")
-
-        if self.running:
-            self.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
+        if self.running and self.dashboard is not None:
+            self.dashboard.action_abort()
 
     def refresh_runs(self) -> None:
         runs = self.mode_screen("runs")
@@ -378,7 +327,7 @@ class TransferLabApp(InstantSwitchApp):
         self.mode_screen("form").load_config(cfg, note="Loaded the settings of the run: tweak and start again.")
 
     async def action_quit(self) -> None:
-        if not self.running:
+        if not self.running or not self.live.run.here:  # a run in its own process goes on by itself
             self.exit()
             return
 
@@ -463,25 +412,30 @@ async def _run_app(app: TransferLabApp) -> int:
     await app.run_async()
     restore_job_control_signals()
     live = app.live
+    if live is not None and not live.run.here:  # its own process: let go of it, say where it is
+        live.run.close()
+        if live.status in ("starting", "running") and not app.lost_terminal:
+            print(background_note(live.run, app.runs_dir), file=sys.stderr, flush=True)
+        return app.return_code or 0
     if live is None or live.done.is_set() or live.status not in ("starting", "running"):
         return app.return_code or 0
     if app.return_code:  # the interface failed: stop the run, with a checkpoint, saying why
-        live.control.request_stop("the interface ended on an error (its traceback is in the terminal)")
+        live.run.stop("the interface ended on an error (its traceback is in the terminal)")
     elif not app.lost_terminal:
-        folder = live.bridge.run_dir or app.runs_dir
+        folder = live.run.run_dir or app.runs_dir
         print(f"TransferLab: the run goes on in this process (pid {os.getpid()}) until it ends; closing "
               f"this terminal does not stop it. It is recorded in {folder}; `transferlab runs --runs-dir "
               f"{app.runs_dir}` shows it. Ctrl-C here stops it (saving a checkpoint), twice aborts it.",
               file=sys.stderr, flush=True)
-    if live.bridge.run_dir:
-        redirect_output(os.path.join(live.bridge.run_dir, "output.log"))
+    if live.run.run_dir:
+        redirect_output(os.path.join(live.run.run_dir, "output.log"))
     else:
         redirect_output(os.devnull)
     presses = []
 
     def interrupted() -> None:  # Ctrl-C or SIGTERM while the run goes on headless
         presses.append(1)
-        live.control.request_stop() if len(presses) == 1 else live.control.request_abort()
+        live.run.stop() if len(presses) == 1 else live.run.abort()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted)
@@ -489,6 +443,16 @@ async def _run_app(app: TransferLabApp) -> int:
     if app.return_code:
         return app.return_code
     return EXIT_CODES.get(live.result.status, 1) if live.result else 1
+
+
+def background_note(run: Any, runs_dir: str) -> str:
+    """What the terminal says when the interface ends while its run trains in its own process."""
+    if run.run_dir is None:
+        return (f"TransferLab: the run is still starting in the background (pid {run.pid}); "
+                f"`transferlab runs --runs-dir {runs_dir}` shows it once it has started.")
+    name, where = run.run_dir.name, run.run_dir.parent
+    return (f"TransferLab: run {name} goes on in the background (pid {run.pid}). Watch it: transferlab attach "
+            f"{name} --runs-dir {where}; stop it: transferlab stop {name} --runs-dir {where}.")
 
 
 def exit_when_the_run_ends(app: "TransferLabApp", grace: float = 5.0) -> None:
@@ -501,6 +465,8 @@ def exit_when_the_run_ends(app: "TransferLabApp", grace: float = 5.0) -> None:
     def watch() -> None:
         live = app.live
         if live is not None:
+            if not live.run.here:
+                live.run.close()  # its own process: nothing here to wait for
             live.done.wait()
         time.sleep(grace)
         result = live.result if live is not None else None

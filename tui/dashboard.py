@@ -1,8 +1,13 @@
 """The run dashboard: live plots, progress with ETA, learning rates, images/s and a log.
 
-The same screen attaches to a run trained by another process (`DashboardScreen(run_dir=...,
-follow=True)`): a thread worker follows its metrics.jsonl as it grows (core.live.MetricsFollower)
-and posts what is new; `s` / `a` write a control request in its folder (core.live.request).
+It shows a core.runner.Run, and does not know where that run trains: in a thread of this process,
+in a background process, in another terminal or on another host. `show_run(run)` adds a feed to the
+run's listeners (called in whatever thread runs it: steps wait in a deque drained every 0.1 s,
+other events are posted at once); `s` / `a` call run.stop() / run.abort() (off the UI thread:
+for a run elsewhere they write a file). The app's dashboard (a mode) shows the run the app
+started, which the app runs in its worker; a dashboard opened on a running run of the runs screen
+(`DashboardScreen(run=core.runner.attach(folder))`) runs the follower itself, in a worker, and
+lets go of it when it is closed.
 
 The same screen replays a finished run: from its folder (`DashboardScreen(run_dir=...)`, whose
 metrics.jsonl is read and parsed in a thread, never on the UI thread: 20,000 steps take ~0.2 s),
@@ -12,13 +17,13 @@ applied in one pass: the steps between two epoch events go to the plot in one ca
 from __future__ import annotations
 
 import time
+from collections import deque
 from itertools import groupby
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Any, Deque, Iterable, List, Optional
 
 from rich.markup import escape
 from textual import on, work
-from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -35,11 +40,45 @@ from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
 
-FOLLOW_SECONDS = 0.25
-"""An attached run's metrics.jsonl is read this often (a read of what is new costs ~0.1 ms)."""
-FOLLOW_STATUS_SECONDS = 2.0
-"""An attached run's status (summary, heartbeat) is checked this often: a run killed without a
-RunFinished line is seen to end."""
+class RunEvent(Message):
+    """A non-step event of a watched run (posted from the thread that runs it)."""
+
+    def __init__(self, event: ev.Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class RunHistory(Message):
+    """What a watched run recorded before it was taken up (a resumed run, a run attached midway)."""
+
+    def __init__(self, events: List[ev.Event]) -> None:
+        super().__init__()
+        self.events = events
+
+
+class RunFeed:
+    """A core listener (and history callback) of a Run, called in the thread that runs it. Step
+    events wait in a deque for the screen to drain; every other event is posted to `target` at
+    once, never coalesced."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.steps: Deque[ev.StepEnded] = deque()
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StepEnded):
+            self.steps.append(event)
+        else:
+            self.target.post_message(RunEvent(event))
+
+    def history(self, events: List[ev.Event]) -> None:
+        self.target.post_message(RunHistory(events))
+
+    def drain(self) -> List[ev.StepEnded]:
+        out = []
+        while self.steps:
+            out.append(self.steps.popleft())
+        return out
 
 
 class DashboardScreen(Screen):
@@ -53,14 +92,6 @@ class DashboardScreen(Screen):
         Binding("escape", "back", "Back", show=False),
     ]
 
-    class Followed(Message):
-        """New events of an attached run (read off the UI thread); `ended`: the status of a run
-        that no longer trains (it ended, or its process is gone), else ""."""
-
-        def __init__(self, events: List[ev.Event], first: bool, started: Optional[float], ended: str) -> None:
-            super().__init__()
-            self.events, self.first, self.started, self.ended = events, first, started, ended
-
     class EventsRead(Message):
         """A replayed run's events, read off the UI thread (or why they could not be read)."""
 
@@ -69,14 +100,18 @@ class DashboardScreen(Screen):
             self.events = events
             self.error = error
 
-    def __init__(self, events: Iterable[ev.Event] = (), live: bool = True,
-                 run_dir: Optional[Path] = None, follow: bool = False) -> None:
+    def __init__(self, events: Iterable[ev.Event] = (), run_dir: Optional[Path] = None, run: Any = None) -> None:
         super().__init__()
         self.replay = list(events)
         self.run_dir = run_dir
-        self.live = live and not self.replay and run_dir is None
-        self.follow = follow and run_dir is not None
-        """Attached to a run trained by another process."""
+        self.pushed = bool(self.replay) or run_dir is not None or run is not None
+        """Opened over the runs screen (escape closes it), not the app's dashboard mode."""
+        self.run: Any = None
+        """The core.runner.Run shown, when there is one (not a replay)."""
+        self._followed = run
+        self.feed: Optional[RunFeed] = None
+        self._loading = False
+        """An attached run's first events are awaited ("loading..." on the plot)."""
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -108,16 +143,66 @@ class DashboardScreen(Screen):
         yield KeyBar()
 
     def on_mount(self) -> None:
-        self.sub_title = "dashboard" if self.live else "run (attached)" if self.follow else "run (replay)"
-        if self.run_dir is not None:
+        self.sub_title = "dashboard" if not self.pushed else "run (attached)" if self._followed else "run (replay)"
+        if self._followed is not None:
+            self.query_one("#summary", Static).update(f"loading {escape(str(self._followed.run_dir))}...")
+            self.query_one(LossPlot).set_note("loading...")
+            self._loading = True
+            self.show_run(self._followed)
+            self._drive(self._followed)
+        elif self.run_dir is not None:
             self.query_one("#summary", Static).update(f"loading {escape(str(self.run_dir))}...")
             self.query_one(LossPlot).set_note("loading...")
-            if self.follow:
-                self._follow(self.run_dir)
-            else:
-                self._read_events(self.run_dir)
+            self._read_events(self.run_dir)
         self.apply_all(self.replay)
         self.set_interval(1.0, self._update_stats)
+        self.set_interval(0.1, self.drain_steps)
+
+    def on_unmount(self) -> None:
+        if self._followed is not None:
+            self._followed.close()  # the follower ends; the run goes on wherever it trains
+
+    def show_run(self, run: Any) -> None:
+        """Show `run` from now on: its history, then its events as they come."""
+        if self.run is not None and self.feed is not None:  # a run shown before: no longer fed
+            self.run.listeners.remove(self.feed)
+            self.run.history.remove(self.feed.history)
+        self.run, self.feed = run, RunFeed(self)
+        run.listeners.append(self.feed)
+        run.history.append(self.feed.history)
+        if not self.pushed:
+            self.sub_title = "dashboard" if run.here else "dashboard (run in another process)"
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="follow")
+    def _drive(self, run: Any) -> None:
+        """Follow an attached run until it ends or the screen goes (on_unmount lets go of it)."""
+        try:
+            run.run()
+        except Exception as exc:  # an unreadable folder is a line in the log, not a crash
+            self.app.call_from_thread(self.log_line, f"[red]cannot follow the run: {escape(str(exc))}[/red]")
+
+    def drain_steps(self) -> None:
+        if self.feed is not None and self.feed.steps:
+            self.apply_steps(self.feed.drain())
+            self._loaded()
+
+    def _loaded(self) -> None:
+        """The first events of an attached run are in: drawn at once, not at the next redraw."""
+        if self._loading:
+            self._loading = False
+            self.query_one(LossPlot).set_note("")
+            self.query_one(LossPlot).redraw_now()
+
+    @on(RunEvent)
+    def _on_run_event(self, message: RunEvent) -> None:
+        self.drain_steps()
+        self.apply(message.event)
+        self._loaded()
+
+    @on(RunHistory)
+    def _on_run_history(self, message: RunHistory) -> None:
+        self.apply_all(message.events)
+        self._loaded()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="replay")
     def _read_events(self, run_dir: Path) -> None:
@@ -127,51 +212,6 @@ class DashboardScreen(Screen):
             self.post_message(self.EventsRead([], f"{type(exc).__name__}: {exc}"))
             return
         self.post_message(self.EventsRead(events))
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="follow")
-    def _follow(self, run_dir: Path) -> None:
-        """Post the run's new events every FOLLOW_SECONDS until it no longer trains or the screen
-        goes (the worker is cancelled); its status is checked every FOLLOW_STATUS_SECONDS."""
-        from core.live import MetricsFollower
-        from core.store import read_run
-
-        worker = get_current_worker()
-        follower = MetricsFollower(run_dir)
-        started = read_run(run_dir).summary["started"]
-        first, checked = True, time.monotonic()
-        while not worker.is_cancelled:
-            events, ended = follower.read(), ""
-            finished = [e for e in events if isinstance(e, ev.RunFinished)]
-            if finished:
-                ended = finished[-1].status
-            elif time.monotonic() - checked >= FOLLOW_STATUS_SECONDS and not follower.behind:
-                checked = time.monotonic()
-                status = read_run(run_dir).summary["status"]
-                events += follower.read()  # what it wrote before it ended
-                ended = "" if status == "running" else status
-            if events or first or ended:
-                self.post_message(self.Followed(events, first, started, ended))
-            first = False
-            if ended:
-                return
-            if not follower.behind:
-                worker.cancelled_event.wait(FOLLOW_SECONDS)
-
-    @on(Followed)
-    def _followed(self, message: Followed) -> None:
-        if message.first:
-            self.query_one(LossPlot).set_note("")
-        self.apply_all(message.events)
-        if message.first and message.started is not None:
-            self.t0 = time.monotonic() - max(0.0, time.time() - message.started)  # ETA over the whole run
-        if message.ended and self.status == "running":  # gone without a RunFinished line
-            self.status = message.ended
-            self.refresh_bindings()
-            self.log_line(f"[b red]{escape(message.ended)}[/b red]: the run no longer trains "
-                          "(its process is gone or stopped beating)")
-            self._update_stats()
-        if message.first:
-            self.query_one(LossPlot).redraw_now()
 
     @on(EventsRead)
     def _events_read(self, message: EventsRead) -> None:
@@ -186,8 +226,9 @@ class DashboardScreen(Screen):
 
     # -- state updates (UI thread only) -----------------------------------------------------------
 
-    def begin(self, cfg: RunConfig) -> None:
-        """A new live run was requested: clear everything and say what is happening."""
+    def begin(self, cfg: RunConfig, where: str = "") -> None:
+        """A new live run was requested: clear everything and say what is happening (`where`:
+        e.g. "in the background on 2 processes")."""
         self.reset_state()
         self.cfg, self.status, self.epochs = cfg, "starting", cfg.epochs
         self.query_one(LossPlot).reset()
@@ -196,8 +237,10 @@ class DashboardScreen(Screen):
         self.query_one("#epoch-bar", ProgressBar).update(total=cfg.epochs, progress=0)
         self.query_one("#step-bar", ProgressBar).update(total=None, progress=0)
         self.query_one("#summary", Static).update(
-            f"[b]starting[/b] {cfg.strategy} {cfg.backbone} on {cfg.dataset}: loading data and model...")
-        self.log_line(escape(f"Starting {cfg.strategy} on {cfg.dataset} ({cfg.epochs} epochs, lr {cfg.lr:g})."))
+            f"[b]starting[/b] {cfg.strategy} {cfg.backbone} on {cfg.dataset}{' ' + where if where else ''}: "
+            "loading data and model...")
+        self.log_line(escape(f"Starting {cfg.strategy} on {cfg.dataset} ({cfg.epochs} epochs, lr {cfg.lr:g})"
+                             + (f" {where}" if where else "") + "."))
 
     def could_not_start(self, error: str) -> None:
         self.status = "not started"
@@ -240,6 +283,8 @@ class DashboardScreen(Screen):
     def apply(self, event: ev.Event) -> None:
         if isinstance(event, ev.RunStarted):
             self.started, self.status, self.t0 = event, "running", time.monotonic()
+            if self.run is not None and self.run.started is not None:  # an ETA over the whole run
+                self.t0 -= max(0.0, time.time() - self.run.started)
             self.cfg = from_mapping(event.config)
             self.epochs = self.cfg.epochs
             c = self.cfg
@@ -267,6 +312,11 @@ class DashboardScreen(Screen):
             self.query_one("#epoch-bar", ProgressBar).update(total=event.epochs)
             self.log_line(f"[b]Resumed[/b] at epoch {event.epoch} step {event.step} (global step "
                           f"{event.global_step}), to {event.epochs} epochs.")
+        elif isinstance(event, ev.RunLost):
+            self.status = event.status
+            self.refresh_bindings()
+            self.log_line(f"[b red]{escape(event.status)}[/b red]: the run no longer trains (its process is gone "
+                          "or stopped beating)" + (f": {escape(event.message)}" if event.message else ""))
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
@@ -301,40 +351,32 @@ class DashboardScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple) -> Optional[bool]:
         if action in ("stop", "abort"):
-            if self.follow:
-                return self.status == "running"
-            return self.live and getattr(self.app, "running", False)
+            return self.run is not None and self.status in ("starting", "running")
         if action == "edit":
             return self.cfg is not None
         return True
 
     def action_stop(self) -> None:
-        if self.follow:
-            self._request("stop")
-            self.notify("Asked the run to stop after its current step; a checkpoint will be saved.")
-        else:
-            self.app.stop_run()
+        if self.check_action("stop", ()):
+            self.request("stop")
+            self.notify("Stopping after the current step; a checkpoint will be saved.")
 
     def action_abort(self) -> None:
-        if not self.follow:
-            self.app.abort_run()
-            return
-
         def confirmed(yes: Optional[bool]) -> None:
-            if yes and self.status == "running":
-                self._request("abort")
-                self.notify("Asked the run to abort.", severity="warning")
+            if yes and self.check_action("abort", ()):
+                self.request("abort")
+                self.notify("Aborting the run.", severity="warning")
 
-        self.app.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
+        if self.check_action("abort", ()):
+            self.app.push_screen(ConfirmScreen("Abort the run now? No checkpoint is saved.", "Abort"), confirmed)
 
     @work(thread=True, exit_on_error=False, group="request")
-    def _request(self, action: str) -> None:
-        """Write the attached run's control request (a file write: never on the UI thread)."""
-        from core.live import request
+    def request(self, action: str) -> None:
+        """Ask the run to stop or abort (for a run elsewhere, a file write: never on the UI thread)."""
         from core.store import error_reason
 
         try:
-            request(self.run_dir, action)
+            self.run.stop() if action == "stop" else self.run.abort()
         except OSError as exc:
             self.app.call_from_thread(self.notify, f"cannot ask the run to {action}: {error_reason(exc)}",
                                       severity="error")
@@ -349,5 +391,5 @@ class DashboardScreen(Screen):
         plot.redraw_now()
 
     def action_back(self) -> None:
-        if not self.live:
+        if self.pushed:
             self.dismiss()

@@ -247,8 +247,6 @@ class RunsScreen(Screen):
     def action_open(self) -> None:
         """Open the run under the cursor: this app's own live run on the dashboard (F2), a run
         trained elsewhere attached (followed as it grows), any other one replayed."""
-        from tui.dashboard import DashboardScreen
-
         run = self.readable_current()
         if run is None:
             return
@@ -256,8 +254,15 @@ class RunsScreen(Screen):
         if own is not None and own.run_id == run.run_id and self.app.running:
             self.app.switch_mode("dashboard")
             return
-        following = run.summary["status"] == "running"
-        self.app.push_screen(DashboardScreen(live=False, run_dir=run.path, follow=following))
+        self.open_run(run.path, run.summary["status"] == "running")
+
+    def open_run(self, path: Path, running: bool) -> None:
+        """A dashboard over this screen on the run in `path`: attached to it while it trains
+        (core.runner.attach), else replayed."""
+        from core.runner import attach
+        from tui.dashboard import DashboardScreen
+
+        self.app.push_screen(DashboardScreen(run=attach(path)) if running else DashboardScreen(run_dir=path))
 
     @on(DataTable.RowSelected)
     def _row_selected(self) -> None:

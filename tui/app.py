@@ -229,7 +229,8 @@ class TransferLabApp(InstantSwitchApp):
     def running(self) -> bool:
         return self.live is not None and self.live.status in ("starting", "running")
 
-    async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None) -> bool:
+    async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None,
+                        background: bool = False, processes: int = 1) -> bool:
         """Start training `cfg` in the worker and show the dashboard; with `resume` (a run
         folder), continue that stopped run instead, with its own settings. False (with a toast)
         if a run is in progress or the run cannot be continued."""

@@ -745,23 +745,28 @@ async def test_launch_options_validate_as_you_type_and_block_start(tmp_path, mon
 
 
 async def test_several_processes_force_the_background_and_one_gives_the_choice_back(tmp_path):
+    from tui.form import BACKGROUND_NOTE
+
     app = TransferLabApp(tiny(tmp_path))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         form = app.screen
         background, processes = form.query_one("#f-background", Select), form.query_one("#f-processes", Input)
-        note = form.query_one("#launch-note")
-        assert background.value is False and not background.disabled and not note.display
+        note, fields = form.query_one("#launch-note"), form.query_one("#fields")
+        said = lambda: str(note.render())
+        assert background.value is False and not background.disabled and said() == ""
         for chosen in (False, True):
             background.value = chosen
             await pilot.pause()
             processes.value = "2"
             await pilot.pause()
-            assert background.value is True and background.disabled and note.display
+            assert background.value is True and background.disabled and said() == BACKGROUND_NOTE
             assert form.background
+            await pilot.pause()
+            assert fields.scrollable_content_region.contains_region(note.region)  # scrolled into view
             processes.value = "1"
             await pilot.pause()
-            assert background.value is chosen and not background.disabled and not note.display
+            assert background.value is chosen and not background.disabled and said() == ""
 
 
 async def test_start_passes_the_launch_options_and_the_command_shows_them(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ CHOICE_FIELDS = {n for n in C.FIELDS if C.FIELDS[n].metadata.get("choices") or C
 SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
 MAX_PROCESSES = 64
 """More processes than this on one node is a typing slip, not a machine."""
+BACKGROUND_NOTE = "several processes run in background"
 
 
 def field_widget(name: str, value: Any) -> Any:
@@ -94,7 +95,7 @@ class FormScreen(Screen):
                     with Horizontal(classes="row", id="row-processes"):
                         yield Label("processes", classes="field-label")
                         yield Input("1", compact=True, id="f-processes", select_on_focus=False)
-                    yield Static("several processes run in background", id="launch-note")
+                    yield Static(id="launch-note")  # always there: its line is laid out before it says anything
             with VerticalScroll(id="side", can_focus=False):
                 yield Static(id="problems")
                 yield Button("Start  ctrl+r", id="start", variant="success", compact=True)
@@ -138,23 +139,23 @@ class FormScreen(Screen):
 
     def _force_background(self, forced: bool) -> None:
         """Several processes always start in the background: "in background" then shows yes and
-        cannot be changed; back to one process, it shows what the person had chosen."""
+        cannot be changed, with a note why; back to one process, it shows what the person chose."""
         select, note = self.query_one("#f-background", Select), self.query_one("#launch-note", Static)
         if forced and not select.disabled:
             self._background_choice = bool(select.value)
             select.value = True
             select.disabled = True
-            note.display = True
-            self.call_after_refresh(note.scroll_visible, animate=False)  # the last line: below 80x24
+            note.update(BACKGROUND_NOTE)
+            note.scroll_visible(animate=False)  # the form's last line: below the fold at 80x24
         elif not forced and select.disabled:
             select.disabled = False
             select.value = self._background_choice
-            note.display = False
+            note.update("")
 
     def command_text(self) -> str:
         """The "same run headless" panel: the CLI line, and with several processes, dimmed, the
-        launcher line that it runs. (That line runs the launcher in the terminal, so --detach is
-        not added to it.)"""
+        launcher line that it runs. With several processes the CLI line runs the launcher in the
+        terminal, without --detach: `train` refuses --detach with --nproc-per-node."""
         text = "[dim]same run headless:[/dim]\n" + escape(command_line(
             self.cfg, detach=self.background and self.processes == 1, processes=self.processes))
         if self.processes > 1:

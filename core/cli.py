@@ -12,7 +12,7 @@ import signal
 import sys
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set
 
 from rich.markup import escape
 
@@ -21,6 +21,9 @@ from core import events as ev
 from core.errors import printable
 from core.report import (COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy,
                          run_row)
+
+if TYPE_CHECKING:
+    from core.distributed import Topology
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 130
 EXIT_CODES = {ev.COMPLETED: EXIT_OK, ev.STOPPED: EXIT_STOPPED, ev.ABORTED: EXIT_ABORTED,
@@ -96,9 +99,10 @@ def _as_flag(problem: str) -> str:
     return f"{flag(first)} {rest}" if first in C.FIELDS else problem
 
 
-def command_line(cfg: C.RunConfig) -> str:
+def command_line(cfg: C.RunConfig, detach: bool = False, processes: int = 1) -> str:
     """The `transferlab train ...` command that runs `cfg` (flags only where it differs from the
-    defaults)."""
+    defaults), started in the background with `detach`, on `processes` processes through OneFlow's
+    launcher when more than one."""
     parts = ["transferlab", "train"]
     default = C.RunConfig()
     for name in C.FIELDS:
@@ -109,7 +113,19 @@ def command_line(cfg: C.RunConfig) -> str:
             parts.append(flag(name) if value else "--no-" + name.replace("_", "-"))
         else:
             parts += [flag(name), shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+    if detach:
+        parts.append("--detach")
+    if processes > 1:
+        parts += ["--nproc-per-node", str(processes)]
     return " ".join(parts)
+
+
+def launcher_line(topo: Topology) -> str:
+    """The launcher command a `--nproc-per-node` run executes, as cmd_launch and the app's form show
+    it (the launch file's real name is only known once the run starts)."""
+    from core.distributed import launcher_command
+
+    return " ".join(shlex.quote(a) for a in launcher_command(topo, Path("RUNS/.launch-ddp-*.json")))
 
 
 NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
@@ -372,7 +388,7 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     """train --nproc-per-node N: the run on this node's N processes through OneFlow's launcher."""
-    from core.distributed import Topology, check_batch, launch, launcher_command
+    from core.distributed import Topology, check_batch, launch
     from core.errors import SetupError
 
     err = _console(stderr=True)
@@ -396,7 +412,7 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
                   else "aborting every process", markup=False)
 
     err.print(f"{topo.world} processes ({topo.nproc_per_node} on this node, rank {topo.node_rank} of "
-              f"{topo.nnodes} nodes): " + " ".join(shlex.quote(a) for a in launcher_command(topo, Path("RUNS/.launch-ddp-*.json"))),
+              f"{topo.nnodes} nodes): " + launcher_line(topo),
               markup=False)
     try:
         result = launch(cfg, topo, on_signal=told)

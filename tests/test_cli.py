@@ -248,3 +248,18 @@ def test_ctrl_c_while_starting_up_ends_with_one_line(tmp_path, delay):
         assert "interrupted" in err
     else:
         assert proc.returncode == 3, (proc.returncode, err)
+
+
+def test_command_line_says_how_the_run_is_started():
+    from core.cli import command_line, launcher_line
+    from core.config import RunConfig
+    from core.distributed import Topology
+
+    cfg = RunConfig(dataset="digits", epochs=2)
+    assert command_line(cfg) == "transferlab train --dataset digits --epochs 2"
+    assert command_line(cfg, detach=True) == "transferlab train --dataset digits --epochs 2 --detach"
+    assert command_line(cfg, processes=3) == "transferlab train --dataset digits --epochs 2 --nproc-per-node 3"
+    assert command_line(cfg, processes=1) == command_line(cfg)
+    line = launcher_line(Topology(nproc_per_node=3))
+    assert " -m oneflow.distributed.launch --nproc_per_node 3 --nnodes 1 --node_rank 0 " in line
+    assert line.endswith(" -m tui train --config 'RUNS/.launch-ddp-*.json'")

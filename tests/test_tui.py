@@ -697,3 +697,117 @@ def test_killing_the_terminal_mid_run_the_run_completes_and_the_process_exits(tm
         time.sleep(0.5)
     (run,) = list_runs(runs)
     assert run.summary["status"] == "completed" and run.summary["epochs_done"] == 2
+
+
+def record_starts(app, monkeypatch):
+    """app.start_run replaced by a recorder: the form's calls, no run."""
+    calls = []
+
+    async def start_run(cfg=None, resume=None, **launch):
+        calls.append((cfg, launch))
+        return True
+
+    monkeypatch.setattr(app, "start_run", start_run)
+    return calls
+
+
+async def test_launch_options_validate_as_you_type_and_block_start(tmp_path, monkeypatch):
+    from core.distributed import DistributedError, check_batch
+
+    app = TransferLabApp(tiny(tmp_path))  # batch size 16
+    calls = record_starts(app, monkeypatch)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        processes = form.query_one("#f-processes", Input)
+        with pytest.raises(DistributedError) as refused:
+            check_batch(16, 3)
+        for text, message in [("two", "processes must be a whole number, got 'two'"),
+                              ("0", "processes must be between 1 and 64, got 0"),
+                              ("65", "processes must be between 1 and 64, got 65"),
+                              ("3", str(refused.value))]:
+            processes.value = text
+            await pilot.pause()
+            assert squash(message) in squash(str(form.query_one("#problems").render())), text
+            assert form.query_one("#start", Button).disabled
+            assert form.query_one("#row-processes").has_class("-invalid")
+            assert str(form.query_one("#command").render()) == ""
+            await pilot.press("ctrl+r")
+            await pilot.pause()
+            assert calls == []
+        processes.value = "4"
+        await pilot.pause()
+        assert "ready to start" in str(form.query_one("#problems").render())
+        assert not form.query_one("#row-processes").has_class("-invalid")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert [launch for _, launch in calls] == [{"background": True, "processes": 4}]
+
+
+async def test_several_processes_force_the_background_and_one_gives_the_choice_back(tmp_path):
+    from tui.form import BACKGROUND_NOTE
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        form = app.screen
+        background, processes = form.query_one("#f-background", Select), form.query_one("#f-processes", Input)
+        note, fields = form.query_one("#launch-note"), form.query_one("#fields")
+        said = lambda: str(note.render())
+        assert background.value is False and not background.disabled and said() == ""
+        for chosen in (False, True):
+            background.value = chosen
+            await pilot.pause()
+            processes.value = "2"
+            await pilot.pause()
+            assert background.value is True and background.disabled and said() == BACKGROUND_NOTE
+            assert form.background
+            await pilot.pause()
+            assert fields.scrollable_content_region.contains_region(note.region)  # scrolled into view
+            processes.value = "1"
+            await pilot.pause()
+            assert background.value is chosen and not background.disabled and said() == ""
+
+
+async def test_start_passes_the_launch_options_and_the_command_shows_them(tmp_path, monkeypatch):
+    app = TransferLabApp(tiny(tmp_path))
+    calls = record_starts(app, monkeypatch)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        background, processes = form.query_one("#f-background", Select), form.query_one("#f-processes", Input)
+        command = lambda: squash(str(form.query_one("#command").render()))
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert "--detach" not in command() and "--nproc-per-node" not in command()
+        background.value = True
+        await pilot.pause()
+        assert command().endswith("--detach")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        processes.value = "2"
+        await pilot.pause()
+        assert "--detach--nproc-per-node2" in command() and "-moneflow.distributed.launch--nproc_per_node2" in command()
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert [launch for _, launch in calls] == [{"background": False, "processes": 1},
+                                                   {"background": True, "processes": 1},
+                                                   {"background": True, "processes": 2}]
+        assert all(cfg == tiny(tmp_path) for cfg, _ in calls)
+
+
+async def test_loading_settings_leaves_the_launch_options_as_they_were(tmp_path):
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-processes", Input).value = "2"
+        await pilot.pause()
+        form.load_config(tiny(tmp_path, epochs=5, batch_size=32), note="Loaded a preset.")
+        await pilot.pause()
+        await app.edit_config(tiny(tmp_path, epochs=6, batch_size=8))  # "edit & rerun" from a dashboard
+        await pilot.pause()
+        assert form.query_one("#f-epochs", Input).value == "6"
+        assert form.query_one("#f-processes", Input).value == "2" and form.processes == 2
+        assert form.query_one("#f-background", Select).value is True and form.background
+        assert "--nproc-per-node2" in squash(str(form.query_one("#command").render()))

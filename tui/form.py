@@ -1,20 +1,23 @@
-"""The experiment form: one row per RunConfig field, validated as you type by core.config."""
+"""The experiment form: one row per RunConfig field, validated as you type by core.config, and
+below them how the run is started (in the background, on several processes), which is not part of
+the settings a preset holds."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Header, Input, Label, Select, Static
 
 from core import config as C
-from core.cli import command_line
+from core.cli import command_line, launcher_line
 from core.config import STRATEGIES, RunConfig
+from core.distributed import DistributedError, Topology, check_batch
 from tui.dialogs import PathScreen
 from tui.keybar import KeyBar
 
@@ -24,6 +27,9 @@ LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "t
 CHOICE_FIELDS = {n for n in C.FIELDS if C.FIELDS[n].metadata.get("choices") or C.field_type(n) is bool}
 """Fields shown as a Select (a fixed list of options)."""
 SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
+MAX_PROCESSES = 64
+"""More processes than this on one node is a typing slip, not a machine."""
+BACKGROUND_NOTE = "several processes run in background"
 
 
 def field_widget(name: str, value: Any) -> Any:
@@ -37,6 +43,17 @@ def field_widget(name: str, value: Any) -> Any:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     suggester = SuggestFromList(SUGGESTIONS[name], case_sensitive=False) if name in SUGGESTIONS else None
     return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False)
+
+
+def parse_processes(text: str) -> int:
+    """The "processes" field as a number of processes, or ValueError saying what is wrong."""
+    try:
+        processes = int(text.strip())
+    except ValueError:  # also a number of more than 4,300 digits
+        raise ValueError(f"processes must be a whole number, got {C.shown(text.strip())}") from None
+    if not 1 <= processes <= MAX_PROCESSES:
+        raise ValueError(f"processes must be between 1 and {MAX_PROCESSES}, got {processes}")
+    return processes
 
 
 class FormScreen(Screen):
@@ -56,6 +73,10 @@ class FormScreen(Screen):
         self.problems: List[str] = []
         self.preset_path = "preset.toml"
         self._shown: Dict[str, str] = {}
+        self.processes = 1
+        """The last valid "processes" value (start is refused while the field is not valid)."""
+        self._background_choice = False
+        """What the person chose for "in background", kept while several processes force yes."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -65,6 +86,16 @@ class FormScreen(Screen):
                     with Horizontal(classes="row", id=f"row-{name}"):
                         yield Label(LABELS.get(name, name), classes="field-label")
                         yield field_widget(name, getattr(self.cfg, name))
+                with Vertical(id="launch") as launch:
+                    launch.border_title = "launch"
+                    with Horizontal(classes="row", id="row-background"):
+                        yield Label("in background", classes="field-label")
+                        yield Select([("yes", True), ("no", False)], value=False, allow_blank=False,
+                                     compact=True, id="f-background")
+                    with Horizontal(classes="row", id="row-processes"):
+                        yield Label("processes", classes="field-label")
+                        yield Input("1", compact=True, id="f-processes", select_on_focus=False)
+                    yield Static(id="launch-note")  # always there: its line is laid out before it says anything
             with VerticalScroll(id="side", can_focus=False):
                 yield Static(id="problems")
                 yield Button("Start  ctrl+r", id="start", variant="success", compact=True)
@@ -87,6 +118,50 @@ class FormScreen(Screen):
             values[name] = widget.value
         return values
 
+    @property
+    def background(self) -> bool:
+        """Start the run as a process of its own (always so with several processes)."""
+        return bool(self.query_one("#f-background", Select).value)
+
+    def read_launch(self, cfg: Optional[RunConfig]) -> Tuple[Optional[int], List[str]]:
+        """The "processes" field (None while it is not a valid number) and its problems, among them
+        a batch the processes cannot share evenly (checked only when the config is valid)."""
+        try:
+            processes = parse_processes(self.query_one("#f-processes", Input).value)
+        except ValueError as exc:
+            return None, [str(exc)]
+        if cfg is not None:
+            try:
+                check_batch(cfg.batch_size, processes)
+            except DistributedError as exc:
+                return processes, [str(exc)]
+        return processes, []
+
+    def _force_background(self, forced: bool) -> None:
+        """Several processes always start in the background: "in background" then shows yes and
+        cannot be changed, with a note why; back to one process, it shows what the person chose."""
+        select, note = self.query_one("#f-background", Select), self.query_one("#launch-note", Static)
+        if forced and not select.disabled:
+            self._background_choice = bool(select.value)
+            select.value = True
+            select.disabled = True
+            note.update(BACKGROUND_NOTE)
+            note.scroll_visible(animate=False)  # the form's last line: below the fold at 80x24
+        elif not forced and select.disabled:
+            select.disabled = False
+            select.value = self._background_choice
+            note.update("")
+
+    def command_text(self) -> str:
+        """The "same run headless" panel: the CLI line, and with several processes, dimmed, the
+        launcher line that it runs. With several processes the CLI line runs the launcher in the
+        terminal, without --detach: `train` refuses --detach with --nproc-per-node."""
+        text = "[dim]same run headless:[/dim]\n" + escape(command_line(
+            self.cfg, detach=self.background, processes=self.processes))
+        if self.processes > 1:
+            text += "\n[dim]" + escape(launcher_line(Topology(nproc_per_node=self.processes))) + "[/dim]"
+        return text
+
     def valid_config(self) -> Optional[RunConfig]:
         """The config in the form, or None while anything is invalid."""
         return None if self.problems else self.cfg
@@ -101,9 +176,14 @@ class FormScreen(Screen):
         if cfg is not None:
             problems = C.validate(cfg)
             self.cfg = cfg
+        processes, launch_problems = self.read_launch(None if problems else cfg)
+        if processes is not None:
+            self.processes = processes
+            self._force_background(processes > 1)
+        bad = {p.split(" ")[0] for p in problems} | ({"processes"} if launch_problems else set())
+        problems = problems + launch_problems
         self.problems = problems
-        bad = {p.split(" ")[0] for p in problems}
-        for name in C.FIELDS:  # set_class and `disabled` do nothing when nothing changes
+        for name in [*C.FIELDS, "processes"]:  # set_class and `disabled` do nothing when nothing changes
             self.query_one(f"#row-{name}").set_class(name in bad, "-invalid")
         strategy = self.query_one("#f-strategy", Select).value
         self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
@@ -111,7 +191,7 @@ class FormScreen(Screen):
         self._show("#problems", "\n".join(f"[red]✗[/red] {escape(p)}" for p in problems) if problems
                    else "[green]✓ ready to start[/green]")
         self._show("#notes", "\n".join(f"[yellow]•[/yellow] {escape(n)}" for n in self.notes))
-        self._show("#command", "" if problems else f"[dim]same run headless:[/dim]\n{escape(command_line(self.cfg))}")
+        self._show("#command", "" if problems else self.command_text())
         self.query_one("#start", Button).disabled = bool(problems)
         if not problems:
             self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
@@ -150,9 +230,10 @@ class FormScreen(Screen):
             self.notify("Fix the settings marked in red first:\n" + "\n".join(self.problems),
                         title="Cannot start", severity="error")
             return
-        await self.app.start_run(self.cfg)
+        await self.app.start_run(self.cfg, background=self.background, processes=self.processes)
 
     def load_config(self, cfg: RunConfig, note: str = "") -> None:
+        """Fill the config fields with `cfg`; how the run is started stays as it was."""
         for name in C.FIELDS:
             widget = self.query_one(f"#f-{name}")
             value = getattr(cfg, name)

@@ -192,6 +192,9 @@ class Remote(Run):
         resumed = max((i for i, e in enumerate(past) if isinstance(e, ev.RunResumed)), default=0)
         if resumed:  # the run's earlier lives: what was redone after its checkpoint dropped
             self._tell_history(ev.as_one_run(past[:resumed + 1])[:-1])
+            ended = [e for e in past[:resumed] if isinstance(e, ev.RunFinished)]
+            if ended and self.started is not None:  # the store counts the earlier lives' time: not this life's
+                self.started += ended[-1].seconds
         for event in past[resumed:]:  # this life, as if it were followed from its start
             self._tell(event)
             if isinstance(event, ev.RunFinished):

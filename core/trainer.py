@@ -316,7 +316,7 @@ class Trainer:
                 run_id=self.writer.run_id, run_dir=str(self.writer.path), config=cfg.to_dict(),
                 device=p.device, trainable_params=p.trainable, total_params=p.total,
                 num_classes=len(p.train.classes), train_size=len(p.train), test_size=len(p.test),
-                steps_per_epoch=self.steps_per_epoch, notes=p.notes))
+                steps_per_epoch=self.steps_per_epoch, notes=p.notes + self._world_note()))
             for epoch in range(first_epoch, cfg.epochs + 1):
                 epoch_start = time.time()
                 train_loss, train_acc = self._train_epoch(epoch, resume if epoch == first_epoch else None)
@@ -352,6 +352,14 @@ class Trainer:
                 pass
         self.writer.close()
         return finished
+
+    def _world_note(self) -> Tuple[str, ...]:
+        """With several processes, how the work is shared (told with the run's start)."""
+        if self.dist is None:
+            return ()
+        batch = self.p.cfg.batch_size
+        return (f"{self.dist.world} processes (OneFlow's launcher, DDP): batch {batch} in all, "
+                f"{batch // self.dist.world} per process",)
 
     def _restore(self, resume: ResumePoint) -> int:
         """Take up a stopped run where its checkpoint left it (the weights are in the model

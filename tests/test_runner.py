@@ -71,6 +71,7 @@ def test_detach_on_two_processes_then_resume_in_the_background(tmp_path):
     started = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                if r["event"] == "RunStarted"]
     assert started[0]["steps_per_epoch"] == 3  # ceil(48 / 16): the global batch
+    assert "2 processes (OneFlow's launcher, DDP): batch 16 in all, 8 per process" in started[0]["notes"]
     assert (run_dir / "ranks.log").exists() and "completed after 1 epoch" in (run_dir / "output.log").read_text()
 
     proc = cli("train", "--resume", run_dir.name, "--detach", "--epochs", "2", cwd=tmp_path)
@@ -177,3 +178,33 @@ async def test_the_app_starts_a_background_run_follows_stops_and_leaves_one(tmp_
     assert f"transferlab attach {second.name} --runs-dir" in background_note(run, cfg.runs_dir)
     wait_for(lambda: summary(second)["status"] != "running", "end of the run left in the background")
     assert summary(second)["status"] == "completed"
+
+
+def test_a_followed_run_gets_its_history_apart_and_an_eta_from_this_life(tmp_path):
+    """Attached to a resumed run: its earlier life goes to the history callbacks (what was redone
+    after the checkpoint dropped), this life to the listeners from its start; the ETA counts from
+    this life's start, not from the first life's (the store's `started` includes that time)."""
+    from core.runner import attach
+    from test_live import running_run
+
+    run_dir = running_run(tmp_path, heartbeat={})
+    cfg = RunConfig(dataset="digits", epochs=2)
+    started = ev.RunStarted(run_dir.name, str(run_dir), cfg.to_dict(), "cpu", 10, 10, 10, 100, 10, 20)
+    step = lambda n: ev.StepEnded(1, n, n, 1.0 / n, {"all": 0.1}, 100.0)
+    lives = [started, step(1), step(2), step(3), ev.RunFinished("stopped", seconds=600.0),
+             ev.RunResumed(run_dir.name, 1, 2, 2, 0, 2), started, step(3), step(4)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(ev.to_record(e)) + "\n" for e in lives))
+    record = json.loads((run_dir / "summary.json").read_text())
+    record["started"] = time.time() - 600.0 - 30.0  # 600 s in the first life, 30 s in this one
+    (run_dir / "summary.json").write_text(json.dumps(record))
+    history, seen = [], []
+    run = attach(run_dir, listeners=[seen.append], history=[history.extend])
+    thread = threading.Thread(target=run.run)
+    thread.start()
+    wait_for(lambda: len(seen) >= 4, "this life's events", timeout=10)
+    run.close()
+    thread.join(5)
+    assert history == [*lives[:3], lives[4]]  # step 3 of the first life was redone after the checkpoint (step 2)
+    assert seen == lives[5:]
+    assert 25.0 < time.time() - run.started < 40.0
+    assert not thread.is_alive() and run.done.is_set() and run.result is None

@@ -19,8 +19,8 @@ from rich.markup import escape
 from core import config as C
 from core import events as ev
 from core.errors import printable
-from core.report import (COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy,
-                         run_row)
+from core.report import (COMPARISON_COLUMNS, comparable_groups, comparison_cells, comparison_rows,
+                         newest_per_strategy, run_row)
 
 if TYPE_CHECKING:
     from core.distributed import Topology
@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "unique part of one, or a path) in its folder, from its checkpoints/last, with its own "
                        "settings; only --epochs (to train it further) and --runs-dir may be given with it")
     add_launch_flags(train)
+    experiment = sub.add_parser("experiment", help="the tutorial's comparison in one action: the same settings "
+                                "trained with several strategies, one after another, then the comparison table")
+    add_config_flags(experiment)
+    experiment.add_argument("--strategies", default=",".join(EXPERIMENT_ORDER), metavar="LIST",
+                            help="comma-separated strategies to train (default: all four: "
+                                 f"{','.join(EXPERIMENT_ORDER)}); --strategy is not used here")
+    experiment.add_argument("--continue", dest="continue_", metavar="EXP",
+                            help="continue an interrupted experiment (an id, a unique part of one, or its folder): "
+                                 "completed runs are kept, a stopped one resumes, the others start")
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
     runs = sub.add_parser("runs", help="list the runs in the runs folder")
@@ -222,6 +231,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return launch_tui(C.RunConfig(runs_dir=args.runs_dir), set(), attach=run_dir)
         if args.command == "stop":
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
+        if args.command == "experiment":
+            return cmd_experiment(args)
         if args.command == "train" and args.resume is not None:
             if args.nproc_per_node or args.nnodes:
                 raise UsageError(["--resume continues a run in one process: --nproc-per-node/--nnodes "
@@ -429,8 +440,52 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     return EXIT_CODES.get(result.status, EXIT_FAILED)
 
 
-def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int:
-    """Train `cfg`, or with `resume` = (run folder, epochs or None) continue that run."""
+EXPERIMENT_ORDER = ("finetune", "discriminative", "frozen", "scratch")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """`transferlab experiment`: train the strategies one after another with the same settings
+    (or continue an experiment), then print the comparison. UsageError for bad settings."""
+    from core import experiment as X
+
+    err = _console(stderr=True)
+    given = [flag(n) for n in C.FIELDS if n != "runs_dir" and getattr(args, n, None) is not None]
+    if args.continue_ and (given or args.config):
+        raise UsageError([f"--continue takes the experiment's own settings: {', '.join(given or ['--config'])} "
+                          "cannot be given with it"])
+    if getattr(args, "strategy", None) is not None:
+        raise UsageError(["--strategy: an experiment trains --strategies (default: all four)"])
+    try:
+        if args.continue_:
+            exp = X.find(args.runs_dir or C.RunConfig().runs_dir, args.continue_)
+        else:
+            strategies = X.parse_strategies(args.strategies)
+            exp = X.create(config_from_args(args), strategies)
+        todo = exp.plan()
+    except C.ConfigError as exc:
+        raise UsageError([_as_flag(p) for p in exc.problems]) from None
+    except X.ExperimentError as exc:
+        print_setup_error(err, exc)
+        return EXIT_FAILED
+    err.print(f"experiment {exp.id}: {', '.join(exp.strategies)} ({len(todo)} run(s) to go) in {exp.path}",
+              markup=False)
+    for i, (strategy, resume) in enumerate(todo, 1):
+        err.print(f"experiment {exp.id}: run {i} of {len(todo)}: {strategy}" + (" (resumed)" if resume else ""),
+                  markup=False)
+        record = X.Recorder(exp, strategy)
+        code = cmd_train(exp.config(strategy) if resume is None else None,
+                         resume=(resume, None) if resume is not None else None, listeners=[record])
+        if code != EXIT_OK:
+            err.print(f"experiment {exp.id} paused at {strategy}; continue it with: transferlab experiment "
+                      f"--continue {exp.id} --runs-dir {exp.runs_dir}", markup=False)
+            return code
+    print_comparison(_console(), exp.records(), f"experiment {exp.id}")
+    return EXIT_OK
+
+
+def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listeners: Sequence[Any] = ()) -> int:
+    """Train `cfg`, or with `resume` = (run folder, epochs or None) continue that run; `listeners`
+    get its events too."""
     from core import distributed
     from core.errors import SetupError
 
@@ -458,7 +513,7 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None) -> int
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
         progress = ProgressPrinter(console)
-        listeners = [progress, *filter(None, [adopt_log_listener(), distributed.name_run_listener()])]
+        listeners = [progress, *listeners, *filter(None, [adopt_log_listener(), distributed.name_run_listener()])]
         run = Local(cfg, *(resume or (None, None)), listeners=listeners, dist=dist)
         try:
             if dist is not None:
@@ -595,9 +650,6 @@ def cmd_runs(runs_dir: str) -> int:
 
 
 def cmd_compare(runs_dir: str, refs: List[str]) -> int:
-    from rich.table import Table
-    from rich.text import Text
-
     from core.store import RunsDirError, find_run, list_runs, read_run
 
     console, err = _console(), _console(stderr=True)
@@ -616,15 +668,26 @@ def cmd_compare(runs_dir: str, refs: List[str]) -> int:
     if not runs:
         console.print(f"no runs in {runs_dir} to compare", markup=False)
         return EXIT_OK
-    table = Table(*COMPARISON_COLUMNS, title="transfer learning comparison")
+    print_comparison(console, runs)
+    return EXIT_OK
+
+
+def print_comparison(console: Any, runs: List[Any], title: str = "transfer learning comparison") -> None:
+    """The comparison table of `runs`, then what keeps rows from being compared."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(*COMPARISON_COLUMNS, title=title)
     rows = comparison_rows(runs)
     for row in rows:
         table.add_row(*(Text(cell) for cell in comparison_cells(row)))
     console.print(table)
+    note = comparable_groups(runs)
+    if note:
+        console.print(f"note: {note}", markup=False)
     for row in rows:
         if row["reason"]:
             console.print(f"unreadable: {row['run']}: {row['reason']}", markup=False)
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List
 
-COMPARISON_COLUMNS = ("strategy", "run", "epochs", "final test acc", "best test acc", "vs scratch", "status")
+COMPARISON_COLUMNS = ("strategy", "final test acc", "best test acc", "vs scratch", "epochs", "time", "img/s",
+                      "status", "run")
+"""Accuracies first (what the comparison is for), the run's long id last (narrow terminals)."""
 
 
 def fmt_acc(value: Any) -> str:
@@ -37,20 +39,40 @@ def run_row(run: Any) -> Dict[str, str]:
 
 
 def comparison_rows(runs: List[Any]) -> List[Dict[str, Any]]:
-    """The tutorial's comparison: per run, strategy and final test accuracy, and the difference to
-    the (newest) scratch run among them, if any. Unreadable runs get a row saying so."""
+    """The tutorial's comparison: per run, strategy, final and best test accuracy, time, images/s,
+    and the difference to the (newest) scratch run among them. The difference is given only when
+    the two runs had the same data, classes, backbone, pretrained source, image size, epochs and
+    limits (core.experiment.COMPARED); otherwise the row says in what they differ
+    ("differs: ..."), never a silent subtraction. Unreadable runs get a row saying so."""
+    from core.experiment import mismatches
+
     scratch = [r for r in runs if not r.unreadable and r.config.strategy == "scratch"
                and r.summary["final_test_acc"] is not None]
-    base = scratch[-1].summary["final_test_acc"] if scratch else None
+    base = scratch[-1] if scratch else None
     rows = []
     for run in runs:
         acc = run.summary["final_test_acc"]
+        differs = [] if base is None or run.unreadable else mismatches([base.config, run.config])
+        diff = None
+        if base is not None and acc is not None and not run.unreadable and not differs:
+            diff = acc - base.summary["final_test_acc"]
         rows.append({"run": run.run_id, "strategy": "?" if run.config is None else run.config.strategy,
                      "epochs": run.summary["epochs_done"] or 0,
                      "final_test_acc": acc, "best_test_acc": run.summary["best_test_acc"],
-                     "vs_scratch": None if base is None or acc is None or run.unreadable else acc - base,
+                     "vs_scratch": diff, "differs": differs, "seconds": run.summary["seconds"],
+                     "images_per_sec": run.summary.get("images_per_sec"),
                      "status": run.summary["status"], "reason": run.reason})
     return rows
+
+
+def comparable_groups(runs: List[Any]) -> str:
+    """A note when the runs do not all share the settings a comparison needs ("" when they do)."""
+    from core.experiment import mismatches
+
+    readable = [r for r in runs if not r.unreadable]
+    differs = mismatches([r.config for r in readable]) if len(readable) > 1 else []
+    return ("these runs differ in " + ", ".join(differs) + ": their accuracies are not comparable"
+            if differs else "")
 
 
 def newest_per_strategy(runs: List[Any]) -> List[Any]:
@@ -65,6 +87,11 @@ def newest_per_strategy(runs: List[Any]) -> List[Any]:
 
 def comparison_cells(row: Dict[str, Any]) -> List[str]:
     """A comparison row as the text of COMPARISON_COLUMNS."""
-    diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
-    return [row["strategy"], row["run"], str(row["epochs"]), fmt_acc(row["final_test_acc"]),
-            fmt_acc(row["best_test_acc"]), diff, str(row["status"])]
+    if row["differs"]:
+        diff = "differs: " + ", ".join(row["differs"])
+    else:
+        diff = "-" if row["vs_scratch"] is None else f"{row['vs_scratch']:+.4f}"
+    ips = row["images_per_sec"]
+    return [row["strategy"], fmt_acc(row["final_test_acc"]), fmt_acc(row["best_test_acc"]), diff,
+            str(row["epochs"]), fmt_duration(row["seconds"]), "-" if ips is None else f"{ips:.0f}",
+            str(row["status"]), row["run"]]

@@ -222,6 +222,7 @@ class RunWriter:
         self._metrics: Optional[int] = None
         self._torn = False  # a metrics line was cut short by a failed write
         self._summary_at = time.monotonic()
+        self._speed = (0.0, 0)
         try:
             atomic_write_json(self.path / "config.json", cfg.to_dict())
             atomic_write_json(self.path / "summary.json", self.summary)
@@ -275,7 +276,12 @@ class RunWriter:
             best = self.summary["best_test_acc"]
             self.summary.update(final_test_acc=event.test_acc, epochs_done=event.epoch,
                                 best_test_acc=event.test_acc if best is None else max(best, event.test_acc))
-        elif not (isinstance(event, ev.StepEnded) and time.monotonic() - self._summary_at >= SUMMARY_EVERY):
+        elif isinstance(event, ev.StepEnded):
+            self._speed = (self._speed[0] + event.images_per_sec, self._speed[1] + 1)
+            self.summary["images_per_sec"] = self._speed[0] / self._speed[1]  # this life's mean
+            if time.monotonic() - self._summary_at < SUMMARY_EVERY:
+                return
+        else:
             return
         self.summary["seconds"] = time.time() - self.started
         self._write_summary()
@@ -364,6 +370,7 @@ SUMMARY_FIELDS = {
     "dataset": "str", "backbone": "str", "epochs": "int", "lr": "float", "lr_backbone": "float",
     "best_test_acc": "float", "final_test_acc": "float", "epochs_done": "int", "seconds": "float",
     "device": "str", "trainable_params": "int", "total_params": "int", "message": "str",
+    "images_per_sec": "float",
 }
 """The keys of summary.json and their types (core.events.checked); each may also be null."""
 

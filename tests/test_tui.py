@@ -208,7 +208,7 @@ async def test_runs_screen_lists_overlays_and_compares(tmp_path):
         assert table.row_count == 2
         finetune_row = [table.get_row_at(i) for i in range(2) if table.get_row_at(i)[0] == "finetune"][0]
         expected = runs[0].summary["final_test_acc"] - runs[1].summary["final_test_acc"]
-        assert finetune_row[5] == f"{expected:+.4f}"
+        assert finetune_row[3] == f"{expected:+.4f}"
         await pilot.press("escape")
         await pilot.press("enter")
         await pilot.pause()

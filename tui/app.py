@@ -134,6 +134,13 @@ class TransferLabApp(InstantSwitchApp):
             super().__init__()
             self.event = event
 
+    class ExperimentEnded(Message):
+        """The app's experiment ran its last run, or paused (a run did not complete)."""
+
+        def __init__(self, exp: Any, finished: bool) -> None:
+            super().__init__()
+            self.exp, self.finished = exp, finished
+
     class RunCouldNotStart(Message):
         """Setup failed (bad data path, missing weights, unusable GPU...): nothing was created."""
 
@@ -262,6 +269,91 @@ class TransferLabApp(InstantSwitchApp):
             else:
                 raise
 
+    async def start_experiment(self, cfg: Optional[RunConfig] = None, strategies: Iterable[str] = (),
+                               exp: Any = None) -> bool:
+        """Train `cfg` with each of `strategies`, one after another in the app's worker (or
+        continue the experiment `exp`); at the end, the comparison. False (with a toast) when a
+        run is in progress or the experiment cannot start."""
+        from core import experiment as X
+
+        if self.running:
+            self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
+            return False
+        try:
+            exp = exp or X.create(cfg, list(strategies))
+            todo = exp.plan()
+        except X.ExperimentError as exc:
+            self.notify(str(exc), title="Cannot start the experiment", severity="error", timeout=8)
+            return False
+        if not todo:
+            self.notify(f"Experiment {exp.id} is complete.")
+            self._show_experiment(exp)
+            return False
+        self.runs_dir = str(exp.runs_dir)
+        await self.switch_mode("dashboard")
+        self._experiment(exp, todo)
+        return True
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
+    def _experiment(self, exp: Any, todo: list) -> None:
+        """The experiment's runs, one after another, each as a run of the app (the dashboard
+        shows which of how many); it pauses when one does not complete."""
+        from core import experiment as X
+        from core.errors import SetupError, one_line
+        from core.runner import Local
+
+        for i, (strategy, resume) in enumerate(todo, 1):
+            cfg = exp.config(strategy)
+            run = Local(None if resume else cfg, resume, listeners=[X.Recorder(exp, strategy)])
+            run.listeners.append(StatusFeed(self, True))
+            live = LiveRun(cfg, run)
+            self.call_from_thread(self._begin, live, f"(experiment {exp.id}: run {i} of {len(todo)}"
+                                  + (", resumed" if resume else "") + ")", (i, len(todo)))
+            lower_training_priority()
+            try:
+                result = run.run()
+            except SetupError as exc:
+                self.post_message(self.RunCouldNotStart(str(exc)))
+                result = None
+            except Exception as exc:
+                if not run.set_up:
+                    self.post_message(self.RunCouldNotStart(one_line(exc)))
+                    result = None
+                else:
+                    raise
+            if result is None or result.status != ev.COMPLETED:
+                self.post_message(self.ExperimentEnded(exp, False))
+                return
+        self.post_message(self.ExperimentEnded(exp, True))
+
+    def _begin(self, live: LiveRun, where: str, queue: Optional[tuple] = None) -> None:
+        """A run of this app begins: it is the live run; the dashboard shows it (UI thread)."""
+        self.live = live
+        self.dashboard.begin(live.cfg, where=where, queue=queue)
+        self.dashboard.show_run(live.run)
+
+    @on(ExperimentEnded)
+    def _on_experiment_ended(self, message: ExperimentEnded) -> None:
+        exp = message.exp
+        if message.finished:
+            self.notify(f"Experiment {exp.id} complete: the comparison of its runs.", timeout=8)
+            self._show_experiment(exp)
+        else:
+            self.notify(f"Experiment {exp.id} paused: continue it from the runs screen (x) or with "
+                        f"transferlab experiment --continue {exp.id}", severity="warning", timeout=10)
+            self.refresh_runs()
+
+    @work(exclusive=True, group="experiment-show")
+    async def _show_experiment(self, exp: Any) -> None:
+        """The runs screen with the experiment's runs overlaid, and its comparison."""
+        from tui.runs import CompareScreen
+
+        await self.switch_mode("runs")
+        runs = self.mode_screen("runs")
+        runs.reload()
+        runs.select_only(set(exp.runs.values()))
+        self.push_screen(CompareScreen(exp.records(), title=f"experiment {exp.id}"))
+
     @property
     def dashboard(self):
         return self.mode_screen("dashboard")
@@ -364,9 +456,17 @@ class TransferLabApp(InstantSwitchApp):
         form = self.mode_screen("form")
         if not self.running and form is not None and form.valid_config() is not None:
             yield SystemCommand("Start run", "Train with the settings in the form", form.action_start)
+        if not self.running and form is not None and form.valid_config() is not None:
+            yield SystemCommand("Run experiment", "The form's settings with several strategies, then the comparison",
+                                form.action_experiment)
         if self.running:
             yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
             yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
+        runs = self.mode_screen("runs")
+        if not self.running and runs is not None and runs.current() is not None \
+                and runs.current().run_id in runs.experiments:
+            yield SystemCommand("Experiment of this run", "Compare its runs, or continue it if it paused",
+                                runs.action_experiment)
         resumable = self._resumable_run()
         if not self.running and resumable is not None:
             yield SystemCommand("Resume run", f"Continue {resumable.run_id} from its last checkpoint",

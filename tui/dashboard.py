@@ -124,6 +124,8 @@ class DashboardScreen(Screen):
         self.results: List[ev.EpochEnded] = []
         self.resumed_from = 0
         """The global step a resumed run continued from (the ETA counts the steps since)."""
+        self.queue: Optional[tuple] = None
+        """(i, n) while the run is run i of an experiment's n (the ETA then covers them all)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -226,10 +228,11 @@ class DashboardScreen(Screen):
 
     # -- state updates (UI thread only) -----------------------------------------------------------
 
-    def begin(self, cfg: RunConfig, where: str = "") -> None:
+    def begin(self, cfg: RunConfig, where: str = "", queue: Optional[tuple] = None) -> None:
         """A new live run was requested: clear everything and say what is happening (`where`:
-        e.g. "in the background on 2 processes")."""
+        e.g. "in the background on 2 processes"; `queue`: (i, n), run i of an experiment's n)."""
         self.reset_state()
+        self.queue = queue
         self.cfg, self.status, self.epochs = cfg, "starting", cfg.epochs
         self.query_one(LossPlot).reset()
         self.query_one(AccuracyPlot).reset()
@@ -343,6 +346,10 @@ class DashboardScreen(Screen):
                 total = self.epochs * self.started.steps_per_epoch
                 elapsed, here = time.monotonic() - self.t0, done - self.resumed_from
                 parts.append(f"ETA {fmt_duration(elapsed / here * (total - done)) if here > 0 else '-'}")
+                if self.queue and here > 0:  # the runs to come take as long as this one, all steps of it
+                    i, n = self.queue
+                    rest = elapsed / here * (total - done) + (n - i) * elapsed / here * total
+                    parts.append(f"run {i} of {n}, experiment ETA {fmt_duration(rest)}")
         if self.results:
             parts.append(f"test acc {self.results[-1].test_acc:.4f}")
         self.query_one("#stats", Static).update(" · ".join(parts))

@@ -64,6 +64,7 @@ class FormScreen(Screen):
         Binding("ctrl+r", "start", "Start", priority=True),
         Binding("ctrl+s", "save_preset", "Save preset"),
         Binding("ctrl+o", "load_preset", "Load preset"),
+        Binding("ctrl+e", "experiment", "Experiment"),
     ]
 
     def __init__(self, cfg: RunConfig, notes: List[str]) -> None:
@@ -231,6 +232,28 @@ class FormScreen(Screen):
                         title="Cannot start", severity="error")
             return
         await self.app.start_run(self.cfg, background=self.background, processes=self.processes)
+
+    def action_experiment(self) -> None:
+        """The form's settings trained with several strategies, one after another (asks which)."""
+        from core.experiment import ORDER, parse_strategies
+
+        self.revalidate()
+        if self.problems:
+            self.notify("Fix the settings marked in red first:\n" + "\n".join(self.problems),
+                        title="Cannot start", severity="error")
+            return
+
+        async def chosen(text: Optional[str]) -> None:
+            if not text:
+                return
+            try:
+                strategies = parse_strategies(text)
+            except C.ConfigError as exc:
+                self.notify("\n".join(exc.problems), title="Experiment", severity="error")
+                return
+            await self.app.start_experiment(self.cfg, strategies)
+
+        self.app.push_screen(PathScreen("Experiment: strategies, trained one after another:", ",".join(ORDER)), chosen)
 
     def load_config(self, cfg: RunConfig, note: str = "") -> None:
         """Fill the config fields with `cfg`; how the run is started stays as it was."""

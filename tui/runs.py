@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from rich.markup import escape
 from textual import on, work
@@ -15,8 +15,10 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Header, Label, Static
 
 from core import events as ev
-from core.report import COMPARISON_COLUMNS, comparison_cells, comparison_rows, newest_per_strategy, run_row
+from core.report import (COMPARISON_COLUMNS, comparable_groups, comparison_cells, comparison_rows,
+                         newest_per_strategy, run_row)
 from core.live import HEARTBEAT_FILE, STALE_SECONDS
+from core.experiment import list_experiments
 from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
@@ -32,18 +34,21 @@ class CompareScreen(ModalScreen):
 
     BINDINGS = [Binding("escape,c,q", "close", "Close")]
 
-    def __init__(self, runs: List[RunRecord]) -> None:
+    def __init__(self, runs: List[RunRecord], title: str = "") -> None:
         super().__init__()
         self.runs = runs
+        self.title_text = title
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Label("[b]Transfer learning comparison[/b] (final test accuracy; Esc closes)")
+            yield Label(f"[b]{escape(self.title_text) or 'Transfer learning comparison'}[/b] "
+                        "(final test accuracy; Esc closes)")
             yield DataTable(id="compare-table", cursor_type="row")
+            yield Static(escape(comparable_groups(self.runs)), id="compare-note")
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("strategy", "run", "epochs", "final acc", "best acc", "vs scratch", "status")
+        table.add_columns(*COMPARISON_COLUMNS)
         for row in comparison_rows(self.runs):
             table.add_row(*map(escape, comparison_cells(row)))  # names read from files are not markup
 
@@ -60,6 +65,7 @@ class RunsScreen(Screen):
         Binding("c", "compare", "Compare"),
         Binding("e", "edit", "Edit & rerun"),
         Binding("R", "resume", "Resume"),
+        Binding("x", "experiment", "Experiment"),
         Binding("g", "reload", "Reload"),
     ]
 
@@ -70,6 +76,8 @@ class RunsScreen(Screen):
         self.curves: Dict[str, tuple] = {}
         self._reading: Set[str] = set()
         self._seen: tuple = ()
+        self.experiments: Dict[str, Any] = {}
+        """Run id -> the experiment it belongs to (core.experiment)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -85,7 +93,7 @@ class RunsScreen(Screen):
         self.sub_title = "runs"
         table = self.query_one(DataTable)
         table.add_column("✓", key="sel", width=1)
-        for label in ("run", "strategy", "dataset", "lr", "epochs", "best acc", "status", "time"):
+        for label in ("run", "strategy", "dataset", "lr", "epochs", "best acc", "status", "time", "experiment"):
             table.add_column(label, key=label)
         self.reload()
         self.set_interval(WATCH_SECONDS, self._watch)
@@ -130,13 +138,17 @@ class RunsScreen(Screen):
         except RunsDirError as exc:
             self.runs = []
             self.notify(str(exc), severity="error")
+        self.experiments = {run_id: exp for _, exp, _ in list_experiments(self.app.runs_dir) if exp is not None
+                            for run_id in exp.runs.values()}
         row_key = None
         if table.row_count and table.cursor_row < table.row_count:
             row_key = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
         table.clear()
         for run in reversed(self.runs):  # newest first
             row = run_row(run)
-            cells = (row[c] for c in ("run", "strategy", "dataset", "lr", "epochs", "best test acc", "status", "duration"))
+            cells = [row[c] for c in ("run", "strategy", "dataset", "lr", "epochs", "best test acc", "status", "duration")]
+            exp = self.experiments.get(run.run_id)
+            cells.append(exp.id if exp is not None else "")
             table.add_row("✓" if run.run_id in self.selected else "", *map(escape, cells), key=run.run_id)
         if row_key is not None and row_key in {r.run_id for r in self.runs}:
             table.move_cursor(row=table.get_row_index(row_key))
@@ -146,7 +158,7 @@ class RunsScreen(Screen):
     def _update_hint(self) -> None:
         self.query_one("#runs-hint", Static).update(
             f"{len(self.runs)} run(s) in {escape(str(self.app.runs_dir))} · space: select to overlay ({len(self.selected)} "
-            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume" if self.runs else
+            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume · x: experiment" if self.runs else
             f"No runs in {escape(str(self.app.runs_dir))} yet: start one from the form (F1, then ctrl+r).")
 
     def current(self) -> RunRecord | None:
@@ -286,6 +298,36 @@ class RunsScreen(Screen):
         run = self.readable_current()
         if run is not None:
             await self.app.start_run(resume=run.path)
+
+    def select_only(self, run_ids: Set[str]) -> None:
+        """Select exactly these runs (their curves overlaid)."""
+        self.selected = {r.run_id for r in self.runs if r.run_id in run_ids}
+        table = self.query_one(DataTable)
+        for run in self.runs:
+            table.update_cell(run.run_id, "sel", "✓" if run.run_id in self.selected else "")
+        self._update_hint()
+        self._replot()
+
+    async def action_experiment(self) -> None:
+        """The experiment of the run under the cursor: its runs overlaid and compared when it is
+        complete, else continued (a paused experiment goes on where it stopped)."""
+        from core.experiment import ExperimentError
+
+        run = self.current()
+        exp = self.experiments.get(run.run_id) if run is not None else None
+        if exp is None:
+            self.notify("This run is not part of an experiment (start one from the form: ctrl+e).",
+                        severity="warning")
+            return
+        try:
+            todo = exp.plan()
+        except ExperimentError as exc:
+            self.notify(str(exc), title="Experiment", severity="warning", timeout=8)
+            return
+        if todo:
+            await self.app.start_experiment(exp=exp)
+        else:
+            self.app._show_experiment(exp)
 
     def action_reload(self) -> None:
         self.reload()

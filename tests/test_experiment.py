@@ -1,0 +1,158 @@
+"""Experiments (core.experiment, `transferlab experiment`): the strategies queued with identical
+settings, an interrupted experiment continued, comparisons only of comparable runs."""
+import json
+import os
+import signal
+
+import pytest
+
+from core import cli
+from core import experiment as X
+from core.store import list_runs, read_run
+
+TINY = ["--dataset", "digits", "--pretrained", "none", "--image-size", "16", "--batch-size", "16",
+        "--limit-train", "48", "--limit-test", "32", "--epochs", "1", "--device", "cpu"]
+
+
+def the_experiment(runs_dir):
+    (folder, exp, why), = X.list_experiments(runs_dir)
+    assert exp is not None, why
+    return exp
+
+
+def test_two_strategies_run_one_after_another_and_are_compared(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    code = cli.main(["experiment", *TINY, "--runs-dir", str(runs_dir), "--strategies", "scratch,frozen"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    exp = the_experiment(runs_dir)
+    assert exp.strategies == ["frozen", "scratch"]  # the tutorial's order: scratch, the baseline, last
+    runs = {r.config.strategy: r for r in list_runs(runs_dir)}
+    assert sorted(runs) == ["frozen", "scratch"] and exp.runs == {s: r.run_id for s, r in runs.items()}
+    for run in runs.values():  # identical settings but the strategy
+        assert run.summary["status"] == "completed"
+        assert {**run.config.to_dict(), "strategy": "-"} == {**runs["frozen"].config.to_dict(), "strategy": "-"}
+    assert "run 1 of 2: frozen" in err and "run 2 of 2: scratch" in err
+    diff = runs["frozen"].summary["final_test_acc"] - runs["scratch"].summary["final_test_acc"]
+    assert f"{diff:+.4f}" in out and "img/s" in out and "differs" not in out
+
+
+def test_an_interrupted_experiment_continues_where_it_stopped(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second run: it stops with a checkpoint and the experiment pauses; --continue
+    keeps the completed run, resumes the stopped one in its own folder, and compares."""
+    runs_dir = tmp_path / "runs"
+    real = X.Recorder.__call__
+
+    def interrupt_scratch(self, event):
+        real(self, event)
+        if self.strategy == "scratch" and type(event).__name__ == "StepEnded" and event.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C: a graceful stop after this step
+
+    monkeypatch.setattr(X.Recorder, "__call__", interrupt_scratch)
+    code = cli.main(["experiment", *TINY, "--runs-dir", str(runs_dir), "--strategies", "frozen,scratch"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_STOPPED, err
+    exp = the_experiment(runs_dir)
+    assert f"continue it with: transferlab experiment --continue {exp.id}" in err
+    frozen, scratch = (read_run(runs_dir / exp.runs[s]) for s in ("frozen", "scratch"))
+    assert frozen.summary["status"] == "completed" and scratch.summary["status"] == "stopped"
+    frozen_summary = (frozen.path / "summary.json").read_text()
+
+    monkeypatch.setattr(X.Recorder, "__call__", real)
+    code = cli.main(["experiment", "--continue", exp.id[-8:], "--runs-dir", str(runs_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "run 1 of 1: scratch (resumed)" in err
+    assert the_experiment(runs_dir).runs == exp.runs  # the same two run folders
+    assert len(list_runs(runs_dir)) == 2 and (frozen.path / "summary.json").read_text() == frozen_summary
+    assert read_run(scratch.path).summary["status"] == "completed"
+    assert "RunResumed" in (scratch.path / "metrics.jsonl").read_text()
+    assert exp.runs["scratch"] in out and exp.runs["frozen"] in out
+
+
+def test_a_crafted_experiment_file_is_one_line_and_reads_nothing_outside(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    folder = runs_dir / X.EXPERIMENTS / "20260101-000000-digits"
+    folder.mkdir(parents=True)
+    good = {"id": folder.name, "created": 0, "settings": {"dataset": "digits"}, "strategies": ["frozen"], "runs": {}}
+    for bad, expected in [({"runs": {"frozen": "../../outside"}}, "runs must map"),
+                          ({"strategies": ["frozen", "bogus"]}, "unknown 'bogus'"),
+                          ({"settings": {"epochs": -1}}, "epochs"),
+                          ({"settings": "x"}, "settings")]:
+        (folder / X.FILE).write_text(json.dumps({**good, **bad}))
+        code = cli.main(["experiment", "--continue", folder.name, "--runs-dir", str(runs_dir)])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "libibverbs" not in line]
+        assert code == cli.EXIT_FAILED and len(err) == 1 and expected in err[0], err
+    (folder / X.FILE).write_text("[" * 100_000)
+    assert cli.main(["experiment", "--continue", folder.name, "--runs-dir", str(runs_dir)]) == cli.EXIT_FAILED
+    assert "not readable JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategies", "frozen,frozen"], "each may be given once"),
+    (["--strategies", "nope"], "unknown 'nope'"),
+    (["--strategies", ","], "name at least one"),
+    (["--strategy", "frozen"], "--strategy: an experiment trains --strategies"),
+    (["--continue", "x", "--epochs", "2"], "--continue takes the experiment's own settings"),
+])
+def test_bad_experiment_flags_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert cli.main(["experiment", *argv, "--runs-dir", str(tmp_path / "runs")]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs" / X.EXPERIMENTS).exists()
+
+
+def test_comparisons_never_subtract_runs_of_other_settings(tmp_path, capsys):
+    """The newest run of each strategy, with another image size for scratch: the table says in
+    what they differ instead of a difference."""
+    runs_dir = str(tmp_path / "runs")
+    assert cli.main(["train", *TINY, "--runs-dir", runs_dir, "--strategy", "frozen"]) == 0
+    assert cli.main(["train", *TINY, "--runs-dir", runs_dir, "--strategy", "scratch", "--image-size", "24"]) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", "--runs-dir", runs_dir]) == 0
+    out = capsys.readouterr().out
+    assert "these runs differ in image_size: their accuracies are not comparable" in out
+    (frozen_row,) = [line for line in out.splitlines() if "frozen" in line]
+    assert "differs: image_size" in frozen_row and "+0." not in frozen_row and "-0." not in frozen_row
+
+
+async def test_the_app_runs_an_experiment_pauses_it_and_continues_it(tmp_path):
+    """ctrl+e on the form: the strategies one after another on the dashboard ("run i of n"); `s`
+    pauses the experiment; `x` on the runs screen continues it; at the end its runs are
+    overlaid and compared."""
+    from core.config import RunConfig
+    from tui.app import TransferLabApp
+    from tui.dialogs import PathScreen
+    from tui.runs import CompareScreen, RunsScreen
+    from test_tui import wait_until
+
+    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=8, limit_train=400,
+                    limit_test=32, epochs=1, device="cpu", runs_dir=str(tmp_path / "runs"))
+    app = TransferLabApp(cfg)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: isinstance(app.screen, PathScreen))
+        app.screen.query_one("Input").value = "scratch,frozen"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.live is not None and app.live.status == "running")
+        dash = app.mode_screen("dashboard")
+        await wait_until(pilot, lambda: "run 1 of 2, experiment ETA" in str(dash.query_one("#stats").render()))
+        assert app.live.cfg.strategy == "frozen"
+        await pilot.press("s")
+        await wait_until(pilot, lambda: app.live.status == "stopped")
+        await pilot.pause(0.5)
+        assert app.live.cfg.strategy == "frozen"  # paused: the second run did not start
+        exp = the_experiment(tmp_path / "runs")
+        assert list(exp.runs) == ["frozen"]
+        await pilot.press("f3")
+        await wait_until(pilot, lambda: isinstance(app.screen, RunsScreen))
+        runs = app.screen
+        assert str(runs.query_one("#runs-table").get_row(exp.runs["frozen"])[9]) == exp.id
+        await pilot.press("x")
+        await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), timeout=300)
+        compare = app.screen
+        await wait_until(pilot, lambda: compare.query_one("#compare-table").row_count == 2)
+        exp = the_experiment(tmp_path / "runs")
+        assert sorted(exp.runs) == ["frozen", "scratch"]
+        assert all(read_run(tmp_path / "runs" / r).summary["status"] == "completed" for r in exp.runs.values())
+        assert runs.selected == set(exp.runs.values())

@@ -504,7 +504,7 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listen
             try:
                 from core.launch import adopt_log_listener
                 from core.runner import Local
-                from core.trainer import NothingToResume
+                from core.trainer import OUT_OF_MEMORY, NothingToResume, halved
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
@@ -538,6 +538,8 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listen
         progress.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if result.status == ev.FAILED and result.message.startswith(OUT_OF_MEMORY) and halved(run.cfg) is not None:
+        err.print("the same run with half the batch: " + command_line(halved(run.cfg)), markup=False, soft_wrap=True)
     return EXIT_CODES[result.status]
 
 

@@ -8,7 +8,7 @@ import shutil
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -75,6 +75,36 @@ class RunControl:
         """The run's outcome is decided and being recorded: too late to interrupt it (a
         KeyboardInterrupt now would only keep summary.json from saying how it ended)."""
         return self._ending.is_set()
+
+
+OUT_OF_MEMORY = "out of memory"
+"""How the message of a run that ran out of memory begins (the app and the CLI then offer the
+same run with half the batch)."""
+_OOM_TEXTS = ("out of memory", "out_of_memory", "can't allocate memory", "allocate failed",
+              "cuda_error_out_of_memory")
+"""How OneFlow 0.9 (and CUDA) word running out of device or host memory."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(t in text for t in _OOM_TEXTS)
+
+
+def halved(cfg: RunConfig) -> Optional[RunConfig]:
+    """The same run with half the batch and the learning rates scaled the same way (the linear
+    scaling rule), or None when the batch is 1 already."""
+    if cfg.batch_size < 2:
+        return None
+    return replace(cfg, batch_size=cfg.batch_size // 2, lr=cfg.lr / 2, lr_backbone=cfg.lr_backbone / 2)
+
+
+def out_of_memory_message(cfg: RunConfig, device: str) -> str:
+    where = "GPU memory" if str(device).startswith("cuda") else "memory"
+    smaller = halved(cfg)
+    advice = (f"try half the batch, with the learning rate scaled the same way (batch size {smaller.batch_size}, "
+              f"lr {smaller.lr:g})" if smaller else "the batch is a single image: use a smaller --image-size or backbone")
+    return (f"{OUT_OF_MEMORY}: the {where} of {device} does not hold a batch of {cfg.batch_size} images of "
+            f"{cfg.image_size} px with {cfg.backbone}; {advice}")
 
 
 SMALL_LR = 1e-3
@@ -341,6 +371,8 @@ class Trainer:
             status, message = ev.FAILED, str(exc)
         except Exception as exc:
             status, message = ev.FAILED, f"{type(exc).__name__}: {exc}"
+            if is_out_of_memory(exc):
+                message = out_of_memory_message(cfg, p.device)
             self.writer.write_error(traceback.format_exc())
         self.control.mark_ending()
         finished = ev.RunFinished(status, message, self.best_acc, self.last_acc,

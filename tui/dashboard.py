@@ -89,6 +89,7 @@ class DashboardScreen(Screen):
         Binding("a", "abort", "Abort"),
         Binding("e", "edit", "Edit & rerun"),
         Binding("r", "toggle_raw", "Raw loss"),
+        Binding("h", "half_batch", "Half batch"),
         Binding("escape", "back", "Back", show=False),
     ]
 
@@ -124,6 +125,8 @@ class DashboardScreen(Screen):
         self.results: List[ev.EpochEnded] = []
         self.resumed_from = 0
         """The global step a resumed run continued from (the ETA counts the steps since)."""
+        self.out_of_memory = False
+        """The run failed for want of memory (`h` offers half the batch)."""
         self.queue: Optional[tuple] = None
         """(i, n) while the run is run i of an experiment's n (the ETA then covers them all)."""
 
@@ -324,9 +327,12 @@ class DashboardScreen(Screen):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
             self.status = event.status
+            self.out_of_memory = event.status == ev.FAILED and event.message.startswith("out of memory")
             self.refresh_bindings()
             colour = ev.STATUS_COLOURS[event.status]
             self.log_line(f"[b {colour}]{escape(ev.finish_summary(event))}[/]")
+            if self.out_of_memory and self.check_action("half_batch", ()):
+                self.log_line("Press [b]h[/b] to run it again with half the batch and the learning rate scaled.")
         self._update_stats()
 
     def _update_stats(self) -> None:
@@ -361,7 +367,27 @@ class DashboardScreen(Screen):
             return self.run is not None and self.status in ("starting", "running")
         if action == "edit":
             return self.cfg is not None
+        if action == "half_batch":
+            return self.out_of_memory and not self.pushed and self.cfg is not None and self.cfg.batch_size > 1
         return True
+
+    def action_half_batch(self) -> None:
+        """After running out of memory: the same run with half the batch, the learning rates
+        scaled the same way (shown before it starts)."""
+        from core.trainer import halved
+
+        if not self.check_action("half_batch", ()):
+            return
+        cfg, smaller = self.cfg, halved(self.cfg)
+
+        async def confirmed(yes: Optional[bool]) -> None:
+            if yes:
+                await self.app.start_run(smaller)
+
+        lrs = f"learning rate {smaller.lr:g} (was {cfg.lr:g})" + (
+            f", backbone {smaller.lr_backbone:g} (was {cfg.lr_backbone:g})" if cfg.strategy == "discriminative" else "")
+        self.app.push_screen(ConfirmScreen(f"Run again with batch size {smaller.batch_size} (was {cfg.batch_size}) "
+                                           f"and {lrs}?", "Start"), confirmed)
 
     def action_stop(self) -> None:
         if self.check_action("stop", ()):

@@ -104,6 +104,25 @@ class Dist:
             control.request_stop("another process asked to stop")
 
 
+    def share_changes(self, changes: dict) -> dict:
+        """Rank 0's settings changes, on every rank (called by all ranks at each epoch boundary)."""
+        from core.backend import flow
+
+        mine = changes if self.is_main else {}
+        values = flow.tensor([float(mine.get("epochs", 0)), float(mine.get("lr_scale", 0.0)),
+                              float(bool(mine.get("unfreeze")))], dtype=flow.float64)
+        flow.comm.all_reduce(values)
+        epochs, scale, unfreeze = values.numpy().tolist()
+        out = {}
+        if epochs:
+            out["epochs"] = int(epochs)
+        if scale:
+            out["lr_scale"] = scale
+        if unfreeze:
+            out["unfreeze"] = True
+        return out
+
+
 def current() -> Optional[Dist]:
     """This process's Dist when it is one rank of several, else None."""
     rank, world = world_from_env()

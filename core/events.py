@@ -73,6 +73,18 @@ class RunFinished:
 
 
 @dataclass(frozen=True)
+class SettingsChanged:
+    """Settings changed while the run trained, applied at an epoch boundary (from the dashboard:
+    more or fewer epochs, learning rates scaled, the backbone unfrozen): from epoch `epoch` + 1 on
+    the run trains with `config` (also written to its config.json, so that a resume keeps it)."""
+
+    epoch: int
+    config: Dict[str, Any]
+    summary: str
+    """What changed, in words ("epochs 3 -> 5; learning rates x0.5")."""
+
+
+@dataclass(frozen=True)
 class RunLost:
     """A followed run stopped training without saying how (its process was killed, its heartbeat
     went stale). Never recorded: made by whoever follows the run (core.runner.Remote), with the
@@ -104,7 +116,7 @@ Event = Any
 Listener = Callable[[Event], None]
 
 EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, CheckpointSaved, RunFinished,
-                                                  RunResumed)}
+                                                  RunResumed, SettingsChanged)}
 
 
 def to_record(event: Event) -> Dict[str, Any]:
@@ -140,7 +152,7 @@ def from_record(record: Any) -> Event:
                 raise ValueError(f"{cls.__name__} without {name}")
             continue
         values[name] = checked(record[name], kind, name)
-    if cls is RunStarted:
+    if cls in (RunStarted, SettingsChanged):
         _check_config(values["config"])
     if cls is RunFinished and values["status"] not in STATUSES:
         raise ValueError(f"unknown status {short(values['status'])}")

@@ -6,6 +6,9 @@ runs/<run id>/
   control.json    a request to the run: {"action": "stop" | "abort", "requested": time, "by": "host/pid"};
                   written by anyone (`request`), acted on by the trainer at its next step, removed
                   when the run ends
+  change.json     settings to change at the next epoch boundary: {"epochs": N, "lr_scale": x,
+                  "unfreeze": true, "requested": time, "by": ...} (`request_change`); taken (and
+                  removed) by the run's heartbeat thread
 
 `LiveRun` is the trainer's side (a core listener); `judge` is what `core.store.read_run` asks to
 tell a running run from an interrupted one; `request` is what `transferlab stop` and the app's
@@ -27,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from core import events as ev
 from core.files import MAX_LINE, is_regular_file
 
-HEARTBEAT_FILE, CONTROL_FILE = "heartbeat.json", "control.json"
+HEARTBEAT_FILE, CONTROL_FILE, CHANGE_FILE = "heartbeat.json", "control.json", "change.json"
 HEARTBEAT_SECONDS = 5.0
 """How often a live run rewrites heartbeat.json."""
 STALE_SECONDS = 3 * HEARTBEAT_SECONDS + 5.0
@@ -175,6 +178,40 @@ def request(run_dir: str | Path, action: str) -> None:
         "action": action, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
 
 
+def request_change(run_dir: str | Path, epochs: Optional[int] = None, lr_scale: Optional[float] = None,
+                   unfreeze: bool = False) -> None:
+    """Ask the run in `run_dir` to change settings at its next epoch boundary, from any process
+    or host. A request not yet taken is merged into. Raises OSError when the folder cannot be written."""
+    from core.store import atomic_write_json
+
+    path = Path(run_dir) / CHANGE_FILE
+    pending = _read_change(path) or {}
+    if epochs is not None:
+        pending["epochs"] = int(epochs)
+    if lr_scale is not None:
+        pending["lr_scale"] = pending.get("lr_scale", 1.0) * float(lr_scale)
+    if unfreeze:
+        pending["unfreeze"] = True
+    atomic_write_json(path, {**pending, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
+
+
+def _read_change(path: Path) -> Optional[Dict[str, Any]]:
+    """A change request, type-checked (from a file anyone may write): only the known keys with
+    sane values; None when there is none or it makes no sense."""
+    data = _read_small_json(path)
+    if not isinstance(data, dict):
+        return None
+    out: Dict[str, Any] = {}
+    epochs, scale = data.get("epochs"), data.get("lr_scale")
+    if type(epochs) is int and 1 <= epochs <= 10_000:
+        out["epochs"] = epochs
+    if type(scale) in (int, float) and 1e-6 <= scale <= 1e6:
+        out["lr_scale"] = float(scale)
+    if data.get("unfreeze") is True:
+        out["unfreeze"] = True
+    return out
+
+
 def read_request(run_dir: str | Path, since: float = float("-inf")) -> Optional[str]:
     """The action asked of the run ("stop" or "abort"), or None; a request made before `since`
     (left by an earlier life of the folder) does not count."""
@@ -231,7 +268,7 @@ class LiveRun:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * CONTROL_POLL_SECONDS + 1)
         if self.run_dir is not None:
-            for name in (HEARTBEAT_FILE, CONTROL_FILE):
+            for name in (HEARTBEAT_FILE, CONTROL_FILE, CHANGE_FILE):
                 try:
                     (self.run_dir / name).unlink(missing_ok=True)
                 except OSError:
@@ -249,9 +286,24 @@ class LiveRun:
         last_beat = time.monotonic()
         while not self._done.wait(CONTROL_POLL_SECONDS) and trainer.is_alive():
             self._poll_control()
+            self._poll_change()
             if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
                 self._beat()
                 last_beat = time.monotonic()
+
+    def _poll_change(self) -> None:
+        path = self.run_dir / CHANGE_FILE
+        try:
+            os.stat(path)
+        except OSError:
+            return
+        changes = _read_change(path)
+        try:
+            path.unlink()
+        except OSError:
+            return  # cannot take it away: leave it, rather than apply it again and again
+        if changes:
+            self.control.request_change(**changes)
 
     def _poll_control(self) -> None:
         try:

@@ -86,6 +86,11 @@ class Run:
         """End at once, "aborted", without a checkpoint."""
         raise NotImplementedError
 
+    def change(self, epochs: Optional[int] = None, lr_scale: Optional[float] = None, unfreeze: bool = False) -> None:
+        """Change settings at the next epoch boundary: train to `epochs`, scale the learning
+        rates by `lr_scale`, unfreeze the backbone (a frozen run)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Let go of the run: run() returns soon. A run in another process goes on; one in this
         process cannot be let go of (stop or abort it)."""
@@ -153,6 +158,9 @@ class Local(Run):
 
     def abort(self) -> None:
         self.control.request_abort()
+
+    def change(self, epochs: Optional[int] = None, lr_scale: Optional[float] = None, unfreeze: bool = False) -> None:
+        self.control.request_change(epochs, lr_scale, unfreeze)
 
 
 class Remote(Run):
@@ -224,6 +232,13 @@ class Remote(Run):
 
     def abort(self) -> None:
         self._request("abort")
+
+    def change(self, epochs: Optional[int] = None, lr_scale: Optional[float] = None, unfreeze: bool = False) -> None:
+        from core.live import request_change
+
+        if self.run_dir is None:
+            raise OSError("the run has not started yet: change its settings on the form instead")
+        request_change(self.run_dir, epochs, lr_scale, unfreeze)
 
     def _request(self, action: str) -> None:
         from core.live import request

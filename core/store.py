@@ -226,7 +226,8 @@ class RunWriter:
         try:
             atomic_write_json(self.path / "config.json", cfg.to_dict())
             atomic_write_json(self.path / "summary.json", self.summary)
-            self._metrics = os.open(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._metrics = os.open(self.path / "metrics.jsonl",
+                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             if resume is None:
                 shutil.rmtree(self.path, ignore_errors=True)  # nothing of the run was written yet
@@ -272,6 +273,8 @@ class RunWriter:
         if isinstance(event, ev.RunStarted):
             self.summary.update(device=event.device, trainable_params=event.trainable_params,
                                 total_params=event.total_params)
+        elif isinstance(event, ev.SettingsChanged):
+            self._settings_changed(event)
         elif isinstance(event, ev.EpochEnded):
             best = self.summary["best_test_acc"]
             self.summary.update(final_test_acc=event.test_acc, epochs_done=event.epoch,
@@ -285,6 +288,22 @@ class RunWriter:
             return
         self.summary["seconds"] = time.time() - self.started
         self._write_summary()
+
+    def _settings_changed(self, event: ev.SettingsChanged) -> None:
+        """The run's settings from now on: config.json (what a resume reads), the summary, and a
+        line in settings-history.jsonl (when, after which epoch, what changed, the settings)."""
+        line = strict_json({"time": time.time(), "after_epoch": event.epoch, "change": event.summary,
+                            "config": event.config}) + "\n"
+        try:
+            fd = os.open(self.path / "settings-history.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                write_bytes(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+            atomic_write_json(self.path / "config.json", event.config)
+        except OSError as exc:
+            raise StoreWriteError(f"could not record the new settings in {self.path}: {error_reason(exc)}") from None
+        self.summary.update(epochs=event.config["epochs"], lr=event.config["lr"], lr_backbone=event.config["lr_backbone"])
 
     def _append(self, event: ev.Event) -> None:
         """One line of metrics.jsonl, in one write (a reader never sees half a line unless the
@@ -550,7 +569,7 @@ def _is_leftover(name: str) -> bool:
     if name.startswith((".last.tmp-", ".best.tmp-")):
         return True
     return any(name.startswith(f".{base}.") for base in ("summary.json", "config.json", "meta.json", "error.txt",
-                                                   "heartbeat.json", "control.json"))
+                                                   "heartbeat.json", "control.json", "change.json"))
 
 
 def list_runs(runs_dir: str | Path) -> List[RunRecord]:

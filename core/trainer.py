@@ -46,6 +46,8 @@ class RunControl:
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._ending = threading.Event()
+        self._lock = threading.Lock()
+        self._changes: Dict[str, Any] = {}
 
     def mark_ending(self) -> None:
         """Called by the trainer once the run's outcome is decided."""
@@ -61,6 +63,24 @@ class RunControl:
 
     def request_abort(self) -> None:
         self._abort.set()
+
+    def request_change(self, epochs: Optional[int] = None, lr_scale: Optional[float] = None,
+                       unfreeze: bool = False) -> None:
+        """Ask for settings to change at the next epoch boundary (requests add up: the last
+        epochs count wins, scales multiply)."""
+        with self._lock:
+            if epochs is not None:
+                self._changes["epochs"] = int(epochs)
+            if lr_scale is not None:
+                self._changes["lr_scale"] = self._changes.get("lr_scale", 1.0) * float(lr_scale)
+            if unfreeze:
+                self._changes["unfreeze"] = True
+
+    def take_changes(self) -> Dict[str, Any]:
+        """The changes asked for since the last call (the trainer applies them)."""
+        with self._lock:
+            changes, self._changes = self._changes, {}
+        return changes
 
     @property
     def stopping(self) -> bool:
@@ -347,7 +367,8 @@ class Trainer:
                 device=p.device, trainable_params=p.trainable, total_params=p.total,
                 num_classes=len(p.train.classes), train_size=len(p.train), test_size=len(p.test),
                 steps_per_epoch=self.steps_per_epoch, notes=p.notes + self._world_note()))
-            for epoch in range(first_epoch, cfg.epochs + 1):
+            epoch = first_epoch
+            while epoch <= self.p.cfg.epochs:  # the epochs may change at an epoch boundary
                 epoch_start = time.time()
                 train_loss, train_acc = self._train_epoch(epoch, resume if epoch == first_epoch else None)
                 self._check_weights(f"after epoch {epoch}")
@@ -361,6 +382,8 @@ class Trainer:
                 improved = self.best_acc is None or test_acc > self.best_acc
                 self.best_acc = test_acc if improved else self.best_acc
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)
+                self._apply_changes(epoch)
+                epoch += 1
         except _Interrupted as stop:
             status = stop.status
             message = ((f"stopped: {self.control.reason}" if self.control.reason else "stopped on request")
@@ -385,6 +408,32 @@ class Trainer:
         self.writer.close()
         return finished
 
+    def _apply_changes(self, epoch: int) -> None:
+        """Settings changed while the run trained (RunControl.request_change), applied between
+        epoch `epoch` and the next; told as a SettingsChanged event (the run store writes the new
+        settings to config.json: a resume keeps them). With several processes, rank 0's requests
+        count, on every rank."""
+        changes = self.control.take_changes()
+        if self.dist is not None:
+            changes = self.dist.share_changes(changes)
+        cfg, new, parts = self.p.cfg, {}, []
+        wanted = changes.get("epochs")
+        if wanted is not None and wanted != cfg.epochs:
+            new["epochs"] = max(wanted, epoch)
+            parts.append(f"epochs {cfg.epochs} -> {new['epochs']}"
+                         + (" (not fewer than the epochs done)" if new["epochs"] != wanted else ""))
+        scale = changes.get("lr_scale")
+        if scale is not None and scale != 1.0:
+            new.update(lr=cfg.lr * scale, lr_backbone=cfg.lr_backbone * scale)
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(group["lr"]) * scale
+            self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
+            parts.append(f"learning rates x{scale:g} (lr {new['lr']:g})")
+        if not parts:
+            return
+        self.p.cfg = cfg.replace(**new)
+        self.emit(ev.SettingsChanged(epoch, self.p.cfg.to_dict(), "; ".join(parts)))
+
     def _world_note(self) -> Tuple[str, ...]:
         """With several processes, how the work is shared (told with the run's start)."""
         if self.dist is None:
@@ -399,6 +448,8 @@ class Trainer:
         numpy generator is set by _train_epoch). Returns the epoch to continue in."""
         state = resume.state
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # changed while it trained (SettingsChanged): its config says
+            group["lr"] = self.p.cfg.lr_backbone if group["name"] == "backbone" else self.p.cfg.lr
         self.global_step = state["global_step"]
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
         self.emit(resume.marker())

@@ -462,6 +462,13 @@ class TransferLabApp(InstantSwitchApp):
         if self.running:
             yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
             yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
+            if self.dashboard is not None:
+                yield SystemCommand("More epochs", "One epoch more, from the next epoch boundary (+)",
+                                    self.dashboard.action_more_epochs)
+                yield SystemCommand("Fewer epochs", "One epoch fewer, from the next epoch boundary (-)",
+                                    self.dashboard.action_fewer_epochs)
+                yield SystemCommand("Scale learning rates", "By a factor, from the next epoch boundary (L)",
+                                    self.dashboard.action_scale_lr)
         runs = self.mode_screen("runs")
         if not self.running and runs is not None and runs.current() is not None \
                 and runs.current().run_id in runs.experiments:

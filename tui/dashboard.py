@@ -35,7 +35,7 @@ from core import events as ev
 from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
 from core.store import read_events
-from tui.dialogs import ConfirmScreen
+from tui.dialogs import ConfirmScreen, PathScreen
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
@@ -90,6 +90,9 @@ class DashboardScreen(Screen):
         Binding("e", "edit", "Edit & rerun"),
         Binding("r", "toggle_raw", "Raw loss"),
         Binding("h", "half_batch", "Half batch"),
+        Binding("plus", "more_epochs", "More epochs", show=False),
+        Binding("minus", "fewer_epochs", "Fewer epochs", show=False),
+        Binding("L", "scale_lr", "Scale LR", show=False),
         Binding("escape", "back", "Back", show=False),
     ]
 
@@ -125,6 +128,8 @@ class DashboardScreen(Screen):
         self.results: List[ev.EpochEnded] = []
         self.resumed_from = 0
         """The global step a resumed run continued from (the ETA counts the steps since)."""
+        self.asked_epochs = 0
+        """The epochs last asked for with + / - (0: none asked)."""
         self.out_of_memory = False
         """The run failed for want of memory (`h` offers half the batch)."""
         self.queue: Optional[tuple] = None
@@ -305,6 +310,9 @@ class DashboardScreen(Screen):
             for note in event.notes:
                 self.log_line(f"[yellow]note:[/yellow] {escape(note)}")
             self.log_line(escape(f"Run {event.run_id} started on {event.device}."))
+            if self.run is not None:
+                self.log_line("[dim]While it trains: + / - more or fewer epochs, L scales the learning rates "
+                              "(applied at the next epoch boundary).[/dim]")
             self.refresh_bindings()
         elif isinstance(event, ev.EpochEnded):
             self.results.append(event)
@@ -323,6 +331,11 @@ class DashboardScreen(Screen):
             self.refresh_bindings()
             self.log_line(f"[b red]{escape(event.status)}[/b red]: the run no longer trains (its process is gone "
                           "or stopped beating)" + (f": {escape(event.message)}" if event.message else ""))
+        elif isinstance(event, ev.SettingsChanged):
+            self.cfg = from_mapping(event.config)
+            self.epochs = self.cfg.epochs
+            self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs)
+            self.log_line(f"[b]after epoch {event.epoch}[/b]: {escape(event.summary)}")
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
@@ -367,9 +380,62 @@ class DashboardScreen(Screen):
             return self.run is not None and self.status in ("starting", "running")
         if action == "edit":
             return self.cfg is not None
+        if action in ("more_epochs", "fewer_epochs", "scale_lr"):
+            return self.run is not None and self.status == "running"
         if action == "half_batch":
             return self.out_of_memory and not self.pushed and self.cfg is not None and self.cfg.batch_size > 1
         return True
+
+    # -- changes at the next epoch boundary ---------------------------------------------------------
+
+    def action_more_epochs(self) -> None:
+        self._ask_epochs(+1)
+
+    def action_fewer_epochs(self) -> None:
+        self._ask_epochs(-1)
+
+    def _ask_epochs(self, delta: int) -> None:
+        if not self.check_action("more_epochs", ()):
+            return
+        done = self.results[-1].epoch if self.results else 0
+        current = self.asked_epochs or self.epochs
+        wanted = max(done + 1, current + delta)  # the epoch in progress is always finished
+        if wanted == current:
+            self.notify(f"The run cannot end before epoch {wanted}: it is training it.", severity="warning")
+            return
+        self.asked_epochs = wanted
+        self._change(epochs=wanted, said=f"{wanted} epochs")
+
+    def action_scale_lr(self) -> None:
+        if not self.check_action("scale_lr", ()):
+            return
+
+        def chosen(text: Optional[str]) -> None:
+            if not text:
+                return
+            try:
+                scale = float(text)
+                if not 1e-6 <= scale <= 1e6:
+                    raise ValueError
+            except ValueError:
+                self.notify(f"Not a scale factor: {text!r} (e.g. 0.5 halves the learning rates)", severity="error")
+                return
+            self._change(lr_scale=scale, said=f"learning rates x{scale:g}")
+
+        self.app.push_screen(PathScreen("Scale the learning rates by (at the next epoch boundary):", "0.5"), chosen)
+
+    @work(thread=True, exit_on_error=False, group="request")
+    def _change(self, said: str, **changes: Any) -> None:
+        """Ask the run to change at its next epoch boundary (a file write for a run elsewhere)."""
+        from core.store import error_reason
+
+        try:
+            self.run.change(**changes)
+        except OSError as exc:
+            self.app.call_from_thread(self.notify, f"cannot ask the run to change: {error_reason(exc)}",
+                                      severity="error")
+            return
+        self.app.call_from_thread(self.log_line, f"[dim]asked: {escape(said)} from the next epoch boundary[/dim]")
 
     def action_half_batch(self) -> None:
         """After running out of memory: the same run with half the batch, the learning rates

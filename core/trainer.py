@@ -263,6 +263,13 @@ def first_non_finite(model: nn.Module) -> Optional[str]:
     return next((name for (name, _), ok in zip(tensors, finite) if not ok), None)
 
 
+def training_loss(cfg: RunConfig, reduction: str = "mean") -> nn.Module:
+    """The training loss: cross-entropy with cfg.label_smoothing (OneFlow 0.9's own: the target
+    puts 1 - s on the true class and s / C on every class). The test loss stays plain
+    cross-entropy, so that runs with and without smoothing compare."""
+    return nn.CrossEntropyLoss(reduction=reduction, label_smoothing=cfg.label_smoothing)
+
+
 def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Optional[RunControl] = None,
           prepared: Optional[Prepared] = None, dist: Optional[Dist] = None) -> ev.RunFinished:
     """Run one training run to its end and return how it finished.
@@ -326,10 +333,8 @@ class Trainer:
                 first_epoch, epochs_done = self._restore(resume), resume.state["epochs_done"]
             elif self._unfreeze_by(1):
                 notes += (f"the backbone trains from epoch 1 (unfreeze_epoch=1) at lr {cfg.lr_backbone:g}",)
-            # label smoothing shapes the training loss only: test losses stay comparable across runs
-            smoothing = cfg.label_smoothing
-            self.loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing).to(p.device)
-            self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum", label_smoothing=smoothing).to(p.device)
+            self.loss_fn = training_loss(cfg).to(p.device)
+            self.sum_loss_fn = training_loss(cfg, "sum").to(p.device)
             self.eval_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
             self.transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size,
                                             cfg.normalize, cfg.hflip, cfg.vflip)

@@ -158,9 +158,9 @@ def test_progressive_unfreezing_resumed_on_either_side_of_its_epoch_equals_the_r
     result, reference = run(cfg_for(tmp_path / "reference", **UNFROZEN))
     assert result.status == ev.COMPLETED
     assert [sorted(s.lrs) for s in steps_of(reference)][7:9] == [["head"], ["backbone", "head"]]
-    # stopped as epoch 2 ends (its checkpoint, with the backbone's group, is where the run continues),
-    # and in epoch 3 after the unfreezing
-    for where, stop in (("boundary", lambda e: isinstance(e, ev.EpochEnded) and e.epoch == 2),
+    # aborted once epoch 2's checkpoint is written (the run continues from it: it must hold the
+    # backbone's group already), and stopped in epoch 3 after the unfreezing
+    for where, stop in (("boundary", lambda e: isinstance(e, ev.CheckpointSaved) and e.epoch == 2),
                         ("after", lambda e: isinstance(e, ev.StepEnded) and e.global_step == 10)):
         control, folders = RunControl(), []
 
@@ -168,10 +168,10 @@ def test_progressive_unfreezing_resumed_on_either_side_of_its_epoch_equals_the_r
             if isinstance(event, ev.RunStarted):
                 folders.append(Path(event.run_dir))
             if stop(event):
-                control.request_stop()
+                control.request_abort() if where == "boundary" else control.request_stop()
 
         result = train(cfg_for(tmp_path / where, **UNFROZEN), [listener], control)
-        assert result.status == ev.STOPPED, where
+        assert result.status == (ev.ABORTED if where == "boundary" else ev.STOPPED), where
         assert plan_resume(folders[0]).marker().epoch == 3, where
         resume_and_check(folders[0], reference)
         assert [s.lrs for s in steps_of(folders[0])] == [s.lrs for s in steps_of(reference)], where

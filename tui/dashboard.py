@@ -37,7 +37,7 @@ from core.config import RunConfig, from_mapping
 from core.store import read_events
 from tui.dialogs import ConfirmScreen
 from tui.keybar import KeyBar
-from tui.plots import AccuracyPlot, LossPlot
+from tui.plots import AccuracyPlot, LossPlot, LrPlot
 
 
 class RunEvent(Message):
@@ -89,6 +89,7 @@ class DashboardScreen(Screen):
         Binding("a", "abort", "Abort"),
         Binding("e", "edit", "Edit & rerun"),
         Binding("r", "toggle_raw", "Raw loss"),
+        Binding("l", "toggle_lr", "LR / loss plot"),
         Binding("escape", "back", "Back", show=False),
     ]
 
@@ -131,6 +132,7 @@ class DashboardScreen(Screen):
             yield Static("No run yet: press F1 for the form and ctrl+r to start one.", id="summary")
             with Horizontal(id="plots"):
                 yield LossPlot(id="loss")
+                yield LrPlot(id="lr")  # in the loss plot's place while `l` shows it
                 yield AccuracyPlot(id="acc")
             with Horizontal(classes="bar-row"):
                 yield Label("epoch -/-", id="epoch-label")
@@ -232,6 +234,7 @@ class DashboardScreen(Screen):
         self.reset_state()
         self.cfg, self.status, self.epochs = cfg, "starting", cfg.epochs
         self.query_one(LossPlot).reset()
+        self.query_one(LrPlot).reset()
         self.query_one(AccuracyPlot).reset()
         self.query_one("#log", RichLog).clear()
         self.query_one("#epoch-bar", ProgressBar).update(total=cfg.epochs, progress=0)
@@ -273,6 +276,7 @@ class DashboardScreen(Screen):
         if not steps:
             return
         self.query_one(LossPlot).extend("run", [s.global_step for s in steps], [s.loss for s in steps])
+        self.query_one(LrPlot).extend([s.global_step for s in steps], [s.lrs for s in steps])
         self.last_step = steps[-1]
         total = self.started.steps_per_epoch if self.started else None
         self.query_one("#step-bar", ProgressBar).update(total=total, progress=self.last_step.step)
@@ -288,7 +292,9 @@ class DashboardScreen(Screen):
             self.cfg = from_mapping(event.config)
             self.epochs = self.cfg.epochs
             c = self.cfg
-            lrs = f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if c.strategy == "discriminative" else "")
+            own = c.strategy == "discriminative" or (c.strategy == "frozen" and c.unfreeze_epoch)
+            lrs = (f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if own else "")
+                   + (f" {c.schedule}" if c.schedule != "constant" else ""))
             self.query_one("#summary", Static).update(  # names and paths from settings: never markup
                 f"[b]{c.strategy}[/b] · {escape(f'{c.backbone} ({c.pretrained}) · {c.dataset}')} "
                 f"{event.train_size}/{event.test_size} · {c.image_size}px · {lrs} · batch {c.batch_size}\n"
@@ -389,6 +395,12 @@ class DashboardScreen(Screen):
         plot = self.query_one(LossPlot)
         plot.show_raw = not plot.show_raw
         plot.redraw_now()
+
+    def action_toggle_lr(self) -> None:
+        """Show the learning rate per step in the loss plot's place, or the loss again."""
+        loss, lr = self.query_one(LossPlot), self.query_one(LrPlot)
+        loss.display, lr.display = not loss.display, loss.display
+        (lr if lr.display else loss).redraw_now()
 
     def action_back(self) -> None:
         if self.pushed:

@@ -210,3 +210,85 @@ def test_the_settings_have_flags_and_round_trip_through_presets(tmp_path):
     assert config_from_args(args) == cfg
     assert C.from_mapping({k: v for k, v in C.RunConfig().to_dict().items() if k not in
                            ("schedule", "warmup_epochs", "label_smoothing")}) == C.RunConfig()  # older files
+
+
+# -- the form and the dashboard -------------------------------------------------------------------
+
+async def test_every_setting_has_its_widget_and_fits_80x24_by_scrolling(tmp_path):
+    """Generic over the fields: a Select for choices and yes/no, an Input otherwise; each row
+    (the new ones at the bottom of the list included) can be scrolled into view at 80x24."""
+    from textual.widgets import Input, Select
+
+    from test_tui import tiny
+    from tui.app import TransferLabApp
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        form = app.screen
+        fields = form.query_one("#fields")
+        for name, f in C.FIELDS.items():
+            widget = form.query_one(f"#f-{name}")
+            chosen = f.metadata.get("choices") or C.field_type(name) is bool
+            assert isinstance(widget, Select if chosen else Input), name
+            fields.scroll_to_widget(widget, animate=False)
+            await pilot.pause()
+            assert fields.region.contains_region(widget.region), name
+
+
+async def test_the_form_previews_the_schedule_and_enables_what_applies(tmp_path):
+    from textual.widgets import Input, Select
+
+    from test_tui import tiny
+    from tui.app import TransferLabApp
+    from tui.form import lr_curves
+    from tui.plots import LrPlot
+
+    app = TransferLabApp(tiny(tmp_path, epochs=4, limit_train=64, batch_size=16))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        form = app.screen
+        plot = form.query_one(LrPlot)
+        assert set(plot.series["lr"].ys) == {1e-3}  # constant
+        assert form.query_one("#f-step_every").disabled and form.query_one("#f-step_gamma").disabled
+        form.query_one("#f-schedule", Select).value = "step"
+        form.query_one("#f-step_gamma", Input).value = "0.5"
+        await pilot.pause()
+        assert not form.query_one("#f-step_every").disabled
+        # 4 steps per epoch (64 images, batch 16): the lr of the trainer at each step
+        assert plot.series["lr"].xs == [s / 4 for s in range(16)]
+        assert plot.series["lr"].ys == [1e-3 * lr_factor(form.cfg, s, 4) for s in range(16)]
+        assert plot.series["lr"].ys[-1] == pytest.approx(1e-3 * 0.5 ** 3)
+        assert form.query_one("#f-lr_backbone").disabled
+        form.query_one("#f-strategy", Select).value = "frozen"
+        form.query_one("#f-unfreeze_epoch", Input).value = "3"
+        await pilot.pause()
+        assert not form.query_one("#f-lr_backbone").disabled
+        assert plot.series["backbone"].xs[0] == 2.0 and "--unfreeze-epoch 3" in str(form.query_one("#command").render())
+        assert lr_curves(form.cfg)["backbone"][1][0] == pytest.approx(1e-4 * 0.5 ** 2)
+        form.query_one("#f-warmup_epochs", Input).value = "9"
+        await pilot.pause()
+        assert "warmup_epochs must be between 0 and epochs (4), got 9.0" in str(form.query_one("#problems").render())
+
+
+async def test_the_dashboard_plots_the_learning_rate_on_l(tmp_path):
+    from test_tui import start_run, tiny
+    from tui.app import TransferLabApp
+    from tui.plots import LossPlot, LrPlot
+
+    cfg = tiny(tmp_path, strategy="discriminative", schedule="cosine", warmup_epochs=0.5, epochs=2)
+    app = TransferLabApp(cfg)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await start_run(pilot, lambda: app.live is not None and app.live.status == ev.COMPLETED)
+        await pilot.pause(0.3)
+        dash = app.screen
+        loss, lr = dash.query_one(LossPlot), dash.query_one(LrPlot)
+        assert loss.display and not lr.display
+        assert sorted(lr.series) == ["backbone", "head"] and lr.series["head"].xs == [1, 2, 3, 4, 5, 6]
+        assert lr.series["head"].ys == pytest.approx([1e-3 * lr_factor(cfg, s, 3) for s in range(6)])
+        await pilot.press("l")
+        await pilot.pause(0.3)
+        assert lr.display and not loss.display and lr.region.width > 30
+        assert "learning rate per step" in lr.render().plain
+        await pilot.press("l")
+        assert loss.display and not lr.display

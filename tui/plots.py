@@ -279,4 +279,7 @@ class LrPlot(TimedPlot):
         for i, (name, buckets) in enumerate(sorted(self.series.items())):
             plt.plot(buckets.xs, buckets.ys, label=name if len(self.series) > 1 else None, marker="braille",
                      color=COLORS[i % len(COLORS)])
+        top = max((max(b.ys) for b in self.series.values() if b.ys), default=0.0)
+        if top > 0:  # from 0: a warmup or a decay shows in proportion
+            plt.ylim(0, top * 1.05)
         plt.xlabel(self.xlabel)

@@ -399,13 +399,16 @@ class Trainer:
 
     def _unfreeze_by(self, epoch: int) -> bool:
         """Progressive unfreezing: make the frozen backbone train (with its own param group at
-        lr_backbone) when `epoch` is at or past unfreeze_epoch. It happens before the checkpoint
-        of the epoch before (whose optimizer state then has the backbone's group), so a run
-        continuing in any epoch is unfrozen exactly when that epoch is at or past it. True when
-        it happened now."""
-        cfg, p = self.p.cfg, self.p
+        lr_backbone) when `epoch` is at or past unfreeze_epoch; called at each epoch's start and
+        before the checkpoint of the epoch before (so its optimizer state has the backbone's
+        group already). True when it happened now."""
+        cfg = self.p.cfg
         if self.unfrozen or cfg.strategy != "frozen" or not cfg.unfreeze_epoch or epoch < cfg.unfreeze_epoch:
             return False
+        return self._unfreeze()
+
+    def _unfreeze(self) -> bool:
+        cfg, p = self.p.cfg, self.p
         thawed = unfreeze_backbone(p.model, p.head)
         groups = [{"name": "backbone", "params": [param for _, param in thawed], "lr": cfg.lr_backbone}]
         if cfg.no_wd_bn_bias:
@@ -438,7 +441,11 @@ class Trainer:
         already, see prepare_resume): optimizer state, counters; emit the RunResumed marker (the
         numpy generator is set by _train_epoch). Returns the epoch to continue in."""
         state = resume.state
-        self._unfreeze_by(state["epoch"])  # the optimizer state then has the backbone's group
+        saved = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        if self.p.cfg.strategy == "frozen" and isinstance(saved, list) and any(
+                isinstance(g, dict) and isinstance(g.get("_options"), dict)
+                and g["_options"].get("name") == "backbone" for g in saved):
+            self._unfreeze()  # the checkpoint was written with the backbone training: its groups follow
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = state["global_step"]
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
@@ -464,6 +471,7 @@ class Trainer:
         the same data order (drawn again from the generator state at the epoch's start), then the
         generator state of the checkpoint (the flips to come), skipping the batches done."""
         p = self.p
+        self._unfreeze_by(epoch)
         set_train_mode(p.model, "finetune" if self.unfrozen else p.cfg.strategy, p.head)
         self._epoch_losses: List[float] = []
         self._correct_before = start = 0

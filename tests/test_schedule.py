@@ -292,3 +292,13 @@ async def test_the_dashboard_plots_the_learning_rate_on_l(tmp_path):
         assert "learning rate per step" in lr.render().plain
         await pilot.press("l")
         assert loss.display and not lr.display
+
+
+def test_unfreezing_is_refused_with_several_processes(tiny_cfg):
+    """DDP reduces the gradients of the parameters that trained when it wrapped the model: a
+    backbone unfrozen later would train apart on each process. One line, before any folder."""
+    from core.distributed import DistributedError
+
+    with pytest.raises(DistributedError, match="unfreeze_epoch does not work with several processes"):
+        train(tiny_cfg.replace(strategy="frozen", unfreeze_epoch=1), dist=object())
+    assert not (tmp := __import__("pathlib").Path(tiny_cfg.runs_dir)).exists() or not list(tmp.iterdir())

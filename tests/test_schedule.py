@@ -2,6 +2,7 @@
 and as the trainer applies it, label smoothing, early stopping, progressive unfreezing, no weight
 decay on BatchNorm and biases, and their validation."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,4 +302,5 @@ def test_unfreezing_is_refused_with_several_processes(tiny_cfg):
 
     with pytest.raises(DistributedError, match="unfreeze_epoch does not work with several processes"):
         train(tiny_cfg.replace(strategy="frozen", unfreeze_epoch=1), dist=object())
-    assert not (tmp := __import__("pathlib").Path(tiny_cfg.runs_dir)).exists() or not list(tmp.iterdir())
+    runs = Path(tiny_cfg.runs_dir)
+    assert not runs.exists() or not list(runs.iterdir())

@@ -26,6 +26,7 @@ STRATEGIES = {
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small")
 DATASETS = ("cifar10", "digits", "synthetic")  # plus "imagefolder:PATH"
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")  # the formulas: core/schedule.py
 
 
 def _field(default: Any, help: str, choices: Optional[tuple] = None, **meta: Any) -> Any:
@@ -52,12 +53,31 @@ class RunConfig:
     """Mini-batch size for training and evaluation."""
     lr: float = _field(1e-3, "Learning rate (the head's, for discriminative)")
     """SGD learning rate of finetune/frozen/scratch, and of the new head under discriminative."""
-    lr_backbone: float = _field(1e-4, "Backbone learning rate (discriminative only)")
-    """SGD learning rate of the pretrained backbone under the discriminative strategy."""
+    lr_backbone: float = _field(1e-4, "Backbone learning rate (discriminative; frozen once unfrozen)")
+    """SGD learning rate of the pretrained backbone under the discriminative strategy, and of the
+    backbone of the frozen strategy from unfreeze_epoch on."""
     momentum: float = _field(0.9, "SGD momentum")
     """SGD momentum, between 0 and 1."""
     weight_decay: float = _field(5e-4, "SGD weight decay (L2)")
     """L2 penalty applied by SGD to every trained parameter."""
+    schedule: str = _field("constant", "Learning-rate schedule over the run", SCHEDULES)
+    """constant (the tutorial's), step (x step_gamma every step_every epochs), cosine (down
+    towards 0), onecycle (up from lr/25 to lr, then down to lr/1e4); set per step (core/schedule.py)."""
+    warmup_epochs: float = _field(0.0, "Linear learning-rate warmup over this many epochs (0 = none)")
+    """The lr rises linearly from about 0 over this many epochs (counted in steps); for onecycle,
+    the length of its rising phase (0: 30% of the run)."""
+    step_every: int = _field(1, "step schedule: multiply the lr by step_gamma every this many epochs")
+    """Epochs between two decays of the step schedule."""
+    step_gamma: float = _field(0.1, "step schedule: the factor of each decay (e.g. 0.1)")
+    """Each decay of the step schedule multiplies the learning rate by this, above 0 and at most 1."""
+    label_smoothing: float = _field(0.0, "Label smoothing of the training loss (0 = none, e.g. 0.1)")
+    """The training targets give this much probability mass evenly to all classes (test loss: plain)."""
+    no_wd_bn_bias: bool = _field(False, "No weight decay on BatchNorm weights and biases")
+    """One-dimensional parameters (BatchNorm weights and biases, every bias) train without weight decay."""
+    early_stopping: int = _field(0, "Stop after this many epochs without a better test accuracy (0 = off)")
+    """Patience in epochs; the best checkpoint is kept in checkpoints/best."""
+    unfreeze_epoch: int = _field(0, "frozen strategy: the backbone trains from this epoch on, at lr_backbone (0 = never)")
+    """Progressive unfreezing: from this epoch on the frozen backbone (weights and BatchNorm) trains too."""
     image_size: int = _field(224, "Images are resized to this many pixels square")
     """Side of the square the images are resized to on the device (224 for ImageNet models)."""
     hflip: bool = _field(True, "Random horizontal flips while training")
@@ -200,6 +220,19 @@ def validate(cfg: RunConfig) -> List[str]:
         problems.append(f"momentum must be at least 0 and below 1, got {cfg.momentum}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         problems.append(f"weight_decay must be 0 or more, got {cfg.weight_decay}")
+    if not (math.isfinite(cfg.warmup_epochs) and 0 <= cfg.warmup_epochs <= cfg.epochs):
+        problems.append(f"warmup_epochs must be between 0 and epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if not 1 <= cfg.step_every <= 10_000:
+        problems.append(f"step_every must be a whole number of epochs between 1 and 10000, got {cfg.step_every}")
+    if not (math.isfinite(cfg.step_gamma) and 0 < cfg.step_gamma <= 1):
+        problems.append(f"step_gamma must be above 0 and at most 1, got {cfg.step_gamma}")
+    if not (math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1):
+        problems.append(f"label_smoothing must be at least 0 and below 1, got {cfg.label_smoothing}")
+    if not 0 <= cfg.early_stopping <= 10_000:
+        problems.append(f"early_stopping must be 0 (off) or a number of epochs, got {cfg.early_stopping}")
+    if not 0 <= cfg.unfreeze_epoch <= max(cfg.epochs, 1):
+        problems.append(f"unfreeze_epoch must be 0 (never) or an epoch from 1 to epochs ({cfg.epochs}), "
+                        f"got {cfg.unfreeze_epoch}")
     if cfg.image_size < 8 or cfg.image_size > 1024:
         problems.append(f"image_size must be between 8 and 1024 pixels, got {cfg.image_size}")
     for name in ("limit_train", "limit_test"):

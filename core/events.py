@@ -51,6 +51,9 @@ class EpochEnded:
     test_loss: float
     test_acc: float
     seconds: float
+    note: str = ""
+    """What changed at this epoch's end, when anything did (the backbone unfreezes from the next
+    epoch; the run stops early). Absent from records written before it existed."""
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,8 @@ STATUS_COLOURS = {COMPLETED: "green", STOPPED: "yellow", ABORTED: "red", FAILED:
 def epoch_summary(event: EpochEnded, epochs: int) -> str:
     """One line of an epoch's results, as the CLI and the dashboard print it."""
     return (f"epoch {event.epoch}/{epochs}: train loss {event.train_loss:.4f} acc {event.train_acc:.4f} | "
-            f"test loss {event.test_loss:.4f} acc {event.test_acc:.4f} ({event.seconds:.1f} s)")
+            f"test loss {event.test_loss:.4f} acc {event.test_acc:.4f} ({event.seconds:.1f} s)"
+            + (f"; {event.note}" if event.note else ""))
 
 
 def finish_summary(event: RunFinished) -> str:

@@ -37,15 +37,41 @@ def prepare(model: nn.Module, strategy: str, head: str) -> None:
         freeze_backbone(model, head)
 
 
+def unfreeze_backbone(model: nn.Module, head: str) -> List[Tuple[str, nn.Parameter]]:
+    """Progressive unfreezing: requires_grad=True on every backbone parameter that had it off;
+    returns them, named (set_train_mode with a strategy other than frozen then lets its BatchNorm
+    statistics move again)."""
+    thawed = [(name, p) for name, p in model.named_parameters() if not is_head(name, head) and not p.requires_grad]
+    for _, param in thawed:
+        param.requires_grad = True
+    return thawed
+
+
+def split_no_decay(groups: List[Dict], named: Dict[int, str]) -> List[Dict]:
+    """Each group, then (when it has any) its twin of the same name with weight_decay 0 holding its
+    one-dimensional parameters: BatchNorm weights and biases, and every bias (`named`: id -> name).
+    The twin keeps the group's name, so the lrs reported per name stay one per group."""
+    out = []
+    for group in groups:
+        flat = [p for p in group["params"] if p.ndim <= 1 or named[id(p)].endswith(".bias")]
+        keep = {id(p) for p in flat}
+        out.append({**group, "params": [p for p in group["params"] if id(p) not in keep]})
+        if flat:
+            out.append({**group, "params": flat, "weight_decay": 0.0})
+    return [g for g in out if g["params"]]
+
+
 def build_param_groups(model: nn.Module, strategy: str, head: str, lr: float,
-                       lr_backbone: float) -> List[Dict]:
+                       lr_backbone: float, no_wd_bn_bias: bool = False) -> List[Dict]:
     """Named SGD param groups for `strategy`; frozen parameters are left out.
 
     finetune / scratch: one group "all" at lr. discriminative: "backbone" at lr_backbone and
-    "head" at lr. frozen: "head" at lr. Asserts every trainable parameter is in exactly one group.
+    "head" at lr. frozen: "head" at lr. With `no_wd_bn_bias`, each is split (split_no_decay).
+    Asserts every trainable parameter is in exactly one group.
     """
-    backbone_params, head_params = [], []
+    backbone_params, head_params, named = [], [], {}
     for name, param in model.named_parameters():
+        named[id(param)] = name
         if param.requires_grad:
             (head_params if is_head(name, head) else backbone_params).append(param)
     if strategy in ("finetune", "scratch"):
@@ -59,6 +85,8 @@ def build_param_groups(model: nn.Module, strategy: str, head: str, lr: float,
         groups = [{"name": "head", "params": head_params, "lr": lr}]
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
+    if no_wd_bn_bias:
+        groups = split_no_decay(groups, named)
     seen = [id(p) for g in groups for p in g["params"]]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(seen) == len(set(seen)) and set(seen) == trainable, "param groups must cover each trainable parameter once"

@@ -20,11 +20,13 @@ from core.config import RunConfig, check
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.live import LiveRun
-from core.distributed import Dist, NullWriter
+from core.distributed import Dist, DistributedError, NullWriter
 from core.models import WeightsError, build_model
 from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason, read_run,
                         replace_dir, tidy_run)
-from core.strategies import build_param_groups, count_params, prepare as prepare_strategy, set_train_mode
+from core.schedule import lr_factor
+from core.strategies import (build_param_groups, count_params, prepare as prepare_strategy, set_train_mode,
+                             split_no_decay, unfreeze_backbone)
 from core.weights import load_checkpoint, read_meta, save_checkpoint
 from oneflow import nn
 
@@ -176,6 +178,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.strategy == "scratch" and pretrained != "none":
         notes.append(f"scratch trains from random weights: pretrained={pretrained} is not loaded")
         pretrained = "none"
+    if cfg.unfreeze_epoch and cfg.strategy != "frozen":
+        notes.append(f"unfreeze_epoch={cfg.unfreeze_epoch} applies to the frozen strategy only: "
+                     f"{cfg.strategy} trains its backbone from the start")
     model, head = build_model(cfg.backbone, len(train_data.classes), pretrained)
     bad = first_non_finite(model)
     if bad is not None:
@@ -183,7 +188,7 @@ def prepare(cfg: RunConfig) -> Prepared:
                            "training cannot start from them; use other weights")
     prepare_strategy(model, cfg.strategy, head)
     model = model.to(device)
-    groups = build_param_groups(model, cfg.strategy, head, cfg.lr, cfg.lr_backbone)
+    groups = build_param_groups(model, cfg.strategy, head, cfg.lr, cfg.lr_backbone, cfg.no_wd_bn_bias)
     trainable, total = count_params(model)
     return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes))
 
@@ -197,13 +202,16 @@ class NothingToResume(ResumeError):
 
 
 RESUME_FIELDS = {"epoch": "int", "step": "int", "global_step": "int", "epochs_done": "int",
-                 "best_acc": "Optional[float]", "last_acc": "Optional[float]", "rng_epoch": "Dict[str, Any]",
+                 "best_acc": "Optional[float]", "best_epoch": "Optional[int]", "last_acc": "Optional[float]",
+                 "rng_epoch": "Dict[str, Any]",
                  "rng": "Dict[str, Any]", "epoch_losses": "List[float]", "epoch_correct": "int"}
 """The "resume" record of a checkpoint's meta.json and its types: where the run continues
 (`step` batches of `epoch` done), the numpy generator state at the start of that epoch (its data
 order is drawn from it) and at the checkpoint (with that order drawn), and what the epoch has
 gathered so far (its losses, its correct predictions) so that its results come out as if it had
-never stopped.
+never stopped. best_epoch (early stopping's count of epochs since the best) is None in checkpoints
+written before it existed. The learning-rate schedule needs nothing: it is a function of the
+global step (core.schedule); nor the unfreezing: a function of the epoch (Trainer._unfreeze_by).
 
 The loop draws its randomness (data order, flips) from numpy only. OneFlow's random state is not
 saved: in oneflow 0.9.0 it cannot be restored exactly (measured: after flow.set_rng_state of a
@@ -258,6 +266,9 @@ def plan_resume(run_dir: str | Path, epochs: Optional[int] = None) -> ResumePoin
     cfg = record.config
     want = cfg.epochs if epochs is None else epochs
     done = state["epochs_done"]
+    if status == ev.COMPLETED and want == cfg.epochs and done < want:  # it stopped early
+        raise NothingToResume(f"run {record.run_id} is completed (stopped early after {done} epochs): give "
+                              f"--epochs N with N > {cfg.epochs} to train it further")
     if want < state["epoch"]:
         if status == ev.COMPLETED and want == cfg.epochs:
             raise NothingToResume(f"run {record.run_id} is completed ({done} epochs): give --epochs N with "
@@ -302,6 +313,13 @@ def first_non_finite(model: nn.Module) -> Optional[str]:
     return next((name for (name, _), ok in zip(tensors, finite) if not ok), None)
 
 
+def training_loss(cfg: RunConfig, reduction: str = "mean") -> nn.Module:
+    """The training loss: cross-entropy with cfg.label_smoothing (OneFlow 0.9's own: the target
+    puts 1 - s on the true class and s / C on every class). The test loss stays plain
+    cross-entropy, so that runs with and without smoothing compare."""
+    return nn.CrossEntropyLoss(reduction=reduction, label_smoothing=cfg.label_smoothing)
+
+
 def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Optional[RunControl] = None,
           prepared: Optional[Prepared] = None, dist: Optional[Dist] = None) -> ev.RunFinished:
     """Run one training run to its end and return how it finished.
@@ -313,6 +331,10 @@ def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Option
     """
     p = prepared or prepare(cfg)
     control = control or RunControl()
+    if dist is not None and p.cfg.strategy == "frozen" and p.cfg.unfreeze_epoch:
+        # DDP reduces the gradients of the parameters that train when it wraps the model only
+        raise DistributedError("unfreeze_epoch does not work with several processes yet: "
+                               "train on one process, or use the discriminative strategy")
     if dist is not None:
         p.model = dist.wrap(p.model)
         if not dist.is_main:
@@ -329,12 +351,15 @@ class Trainer:
     listeners: List[ev.Listener]
     control: RunControl
     best_acc: Optional[float] = None
+    best_epoch: Optional[int] = None
     last_acc: Optional[float] = None
     global_step: int = 0
     _pending: List = field(default_factory=list)
     _flush_every: int = 1
     dist: Optional[Dist] = None
     """Set when this process is one rank of several: batches are sharded, sums reduced."""
+    unfrozen: bool = False
+    """The frozen strategy's backbone trains now (unfreeze_epoch reached)."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
@@ -353,11 +378,14 @@ class Trainer:
         try:
             self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
                                             weight_decay=cfg.weight_decay)
+            notes = p.notes
             if resume is not None:
                 first_epoch, epochs_done = self._restore(resume), resume.state["epochs_done"]
-            self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
-            self.loss_fn = nn.CrossEntropyLoss().to(p.device)
-            self.sum_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
+            elif self._unfreeze_by(1):
+                notes += (f"the backbone trains from epoch 1 (unfreeze_epoch=1) at lr {cfg.lr_backbone:g}",)
+            self.loss_fn = training_loss(cfg).to(p.device)
+            self.sum_loss_fn = training_loss(cfg, "sum").to(p.device)
+            self.eval_loss_fn = nn.CrossEntropyLoss(reduction="sum").to(p.device)
             self.transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size,
                                             cfg.normalize, cfg.hflip, cfg.vflip)
             self.test_transform = BatchTransform(flow, p.device, p.test.images.shape[1:3], cfg.image_size,
@@ -366,9 +394,9 @@ class Trainer:
                 run_id=self.writer.run_id, run_dir=str(self.writer.path), config=cfg.to_dict(),
                 device=p.device, trainable_params=p.trainable, total_params=p.total,
                 num_classes=len(p.train.classes), train_size=len(p.train), test_size=len(p.test),
-                steps_per_epoch=self.steps_per_epoch, notes=p.notes + self._world_note()))
+                steps_per_epoch=self.steps_per_epoch, notes=notes + self._world_note()))
             epoch = first_epoch
-            while epoch <= self.p.cfg.epochs:  # the epochs may change at an epoch boundary
+            while epoch <= self.p.cfg.epochs:  # the epochs may change at an epoch boundary (_apply_changes)
                 epoch_start = time.time()
                 train_loss, train_acc = self._train_epoch(epoch, resume if epoch == first_epoch else None)
                 self._check_weights(f"after epoch {epoch}")
@@ -377,11 +405,18 @@ class Trainer:
                     raise self._diverged(f"the test loss became {test_loss} after epoch {epoch}")
                 epochs_done = epoch
                 self.last_acc = test_acc
-                self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
-                                        time.time() - epoch_start))
                 improved = self.best_acc is None or test_acc > self.best_acc
-                self.best_acc = test_acc if improved else self.best_acc
+                if improved:
+                    self.best_acc, self.best_epoch = test_acc, epoch
+                early = self._early_stop(epoch)
+                note = early or (f"the backbone trains from epoch {epoch + 1} at lr {self.p.cfg.lr_backbone:g}"
+                                 if epoch < self.p.cfg.epochs and self._unfreeze_by(epoch + 1) else "")
+                self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
+                                        time.time() - epoch_start, note))
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)
+                if early:
+                    message = early
+                    break
                 self._apply_changes(epoch)
                 epoch += 1
         except _Interrupted as stop:
@@ -423,16 +458,64 @@ class Trainer:
             parts.append(f"epochs {cfg.epochs} -> {new['epochs']}"
                          + (" (not fewer than the epochs done)" if new["epochs"] != wanted else ""))
         scale = changes.get("lr_scale")
-        if scale is not None and scale != 1.0:
+        if scale is not None and scale != 1.0:  # the schedule takes its base rates from the config
             new.update(lr=cfg.lr * scale, lr_backbone=cfg.lr_backbone * scale)
-            for group in self.optimizer.param_groups:
-                group["lr"] = float(group["lr"]) * scale
-            self.lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
             parts.append(f"learning rates x{scale:g} (lr {new['lr']:g})")
+        if changes.get("unfreeze") and epoch < new.get("epochs", cfg.epochs):
+            if cfg.strategy != "frozen" or self.unfrozen:
+                parts.append("unfreeze: the backbone trains already")
+            elif self.dist is not None:
+                parts.append("unfreeze: not with several processes (DDP keeps the parameters it started with)")
+            else:
+                new["unfreeze_epoch"] = epoch + 1
+                parts.append(f"the backbone trains from epoch {epoch + 1} at lr "
+                             f"{new.get('lr_backbone', cfg.lr_backbone):g}")
         if not parts:
             return
         self.p.cfg = cfg.replace(**new)
+        if "unfreeze_epoch" in new:
+            self._unfreeze_by(epoch + 1)
         self.emit(ev.SettingsChanged(epoch, self.p.cfg.to_dict(), "; ".join(parts)))
+
+    def _early_stop(self, epoch: int) -> str:
+        """Early stopping after evaluated `epoch`: why the run ends here, or ""."""
+        cfg = self.p.cfg
+        patience, best = cfg.early_stopping, self.best_epoch
+        if not patience or epoch >= cfg.epochs or best is None or epoch - best < patience:
+            return ""
+        return (f"stopped early at epoch {epoch}: no better test accuracy for {epoch - best} epoch(s) "
+                f"(best {self.best_acc:.4f} at epoch {best}, kept in checkpoints/best)")
+
+    def _unfreeze_by(self, epoch: int) -> bool:
+        """Progressive unfreezing: make the frozen backbone train (with its own param group at
+        lr_backbone) when `epoch` is at or past unfreeze_epoch; called at each epoch's start and
+        before the checkpoint of the epoch before (so its optimizer state has the backbone's
+        group already). True when it happened now."""
+        cfg = self.p.cfg
+        if self.unfrozen or cfg.strategy != "frozen" or not cfg.unfreeze_epoch or epoch < cfg.unfreeze_epoch:
+            return False
+        return self._unfreeze()
+
+    def _unfreeze(self) -> bool:
+        cfg, p = self.p.cfg, self.p
+        thawed = unfreeze_backbone(p.model, p.head)
+        groups = [{"name": "backbone", "params": [param for _, param in thawed], "lr": cfg.lr_backbone}]
+        if cfg.no_wd_bn_bias:
+            groups = split_no_decay(groups, {id(param): name for name, param in thawed})
+        for group in groups:
+            self.optimizer.add_param_group(group)
+        self.unfrozen = True
+        return True
+
+    def _schedule_lrs(self, step: int) -> Dict[str, float]:
+        """Set every param group's lr for 0-based global step `step`: its base lr (lr_backbone for
+        the backbone's, lr for the others) times the schedule's factor (core.schedule, a function
+        of the step only: a resumed run continues the curve exactly). Returns the lr per group name."""
+        cfg = self.p.cfg
+        factor = lr_factor(cfg, step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = (cfg.lr_backbone if group["name"] == "backbone" else cfg.lr) * factor
+        return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
 
     def _world_note(self) -> Tuple[str, ...]:
         """With several processes, how the work is shared (told with the run's start)."""
@@ -447,11 +530,15 @@ class Trainer:
         already, see prepare_resume): optimizer state, counters; emit the RunResumed marker (the
         numpy generator is set by _train_epoch). Returns the epoch to continue in."""
         state = resume.state
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # changed while it trained (SettingsChanged): its config says
-            group["lr"] = self.p.cfg.lr_backbone if group["name"] == "backbone" else self.p.cfg.lr
+        saved = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        if self.p.cfg.strategy == "frozen" and isinstance(saved, list) and any(
+                isinstance(g, dict) and isinstance(g.get("_options"), dict)
+                and g["_options"].get("name") == "backbone" for g in saved):
+            self._unfreeze()  # the checkpoint was written with the backbone training: its groups follow
+        self.optimizer.load_state_dict(state["optimizer"])  # (the lrs: set at each step from the config)
         self.global_step = state["global_step"]
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
+        self.best_epoch = state["best_epoch"]
         self.emit(resume.marker())
         return state["epoch"]
 
@@ -473,7 +560,8 @@ class Trainer:
         the same data order (drawn again from the generator state at the epoch's start), then the
         generator state of the checkpoint (the flips to come), skipping the batches done."""
         p = self.p
-        set_train_mode(p.model, p.cfg.strategy, p.head)
+        self._unfreeze_by(epoch)
+        set_train_mode(p.model, "finetune" if self.unfrozen else p.cfg.strategy, p.head)
         self._epoch_losses: List[float] = []
         self._correct_before = start = 0
         self._rng_epoch = resume.state["rng_epoch"] if resume else self.rng.bit_generator.state
@@ -499,10 +587,11 @@ class Trainer:
                 loss = self.sum_loss_fn(out, y) * (weight * self.dist.world / n_global)
             self.optimizer.zero_grad()
             loss.backward()
+            lrs = self._schedule_lrs(self.global_step)
             self.optimizer.step()
             self.global_step += 1
             shown = loss.detach() if self.dist is None else self.dist.sum(loss.detach() / self.dist.world)
-            self._pending.append((step, self.global_step, shown))
+            self._pending.append((step, self.global_step, shown, lrs))
             hits = (out.detach().argmax(dim=1) == y).sum()
             correct.append(hits if weight else hits * 0)
             self._window_images += n_global
@@ -532,18 +621,18 @@ class Trainer:
         """Fetch the pending losses in one transfer and emit their StepEnded events."""
         if not self._pending:
             return
-        values = flow.stack([loss for _, _, loss in self._pending]).numpy().tolist()
+        values = flow.stack([loss for _, _, loss, _ in self._pending]).numpy().tolist()
         now = time.time()
         elapsed = max(now - self._window_start, 1e-9)
         rate = self._window_images / elapsed
         steps_per_second = len(self._pending) / elapsed
         self._flush_every = int(min(FLUSH_STEPS, max(1, steps_per_second * FLUSH_SECONDS)))
-        for (step, global_step, _), value in zip(self._pending, values):
+        for (step, global_step, _, lrs), value in zip(self._pending, values):
             if not math.isfinite(value):
                 self._pending.clear()
                 raise self._diverged(f"the loss became {value} at epoch {epoch} step {step}")
             self._epoch_losses.append(value)
-            self.emit(ev.StepEnded(epoch, step, global_step, value, dict(self.lrs), rate))
+            self.emit(ev.StepEnded(epoch, step, global_step, value, lrs, rate))
         self._pending.clear()
         self._window_start, self._window_images = now, 0
 
@@ -560,7 +649,7 @@ class Trainer:
                 x = self.test_transform(p.test.images[idx], False, self.rng)
                 y = flow.tensor(p.test.labels[idx], device=p.device)
                 out = p.model(x)
-                batch_loss, hits = self.sum_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
+                batch_loss, hits = self.eval_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
                 loss_sum.append(batch_loss if weight else batch_loss * 0)
                 correct.append(hits if weight else hits * 0)
         n = len(p.test)
@@ -645,4 +734,4 @@ class Trainer:
                         "rng": rng, "epoch_losses": list(self._epoch_losses),
                         "epoch_correct": self._epoch_correct()}
         return {**position, "global_step": self.global_step, "best_acc": self.best_acc,
-                "last_acc": self.last_acc}
+                "best_epoch": self.best_epoch, "last_acc": self.last_acc}

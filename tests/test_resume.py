@@ -128,6 +128,55 @@ def test_a_completed_run_extended_equals_the_longer_run(tmp_path, reference):
     assert read_run(folder).summary["epochs"] == 4 and read_run(folder).summary["epochs_done"] == 4
 
 
+# -- with a schedule, progressive unfreezing and the other regularisation settings -----------------
+
+SCHEDULED = dict(schedule="cosine", warmup_epochs=1.5, label_smoothing=0.1, no_wd_bn_bias=True)
+"""The lr changes at every step (warmup over 6 steps, then cosine): its position is the global step."""
+UNFROZEN = dict(strategy="frozen", unfreeze_epoch=3, lr=0.01, lr_backbone=0.002, schedule="onecycle",
+                no_wd_bn_bias=True)
+"""The backbone joins the optimizer at the end of epoch 2, before that epoch's checkpoint."""
+
+
+@pytest.fixture(scope="module")
+def scheduled_reference(tmp_path_factory):
+    result, folder = run(cfg_for(tmp_path_factory.mktemp("scheduled"), **SCHEDULED))
+    assert result.status == ev.COMPLETED
+    assert len({s.lrs["all"] for s in steps_of(folder)}) == 4 * STEPS_PER_EPOCH  # a new lr at every step
+    return folder
+
+
+def test_a_run_with_a_schedule_stopped_mid_epoch_and_resumed_equals_the_run_uninterrupted(
+        tmp_path, scheduled_reference):
+    result, folder = run(cfg_for(tmp_path, **SCHEDULED), stop_when=lambda e: e.global_step == 6)
+    assert result.status == ev.STOPPED
+    resume_and_check(folder, scheduled_reference)
+    got, want = steps_of(folder), steps_of(scheduled_reference)
+    assert [s.lrs for s in got] == [s.lrs for s in want]
+
+
+def test_progressive_unfreezing_resumed_on_either_side_of_its_epoch_equals_the_run_uninterrupted(tmp_path):
+    result, reference = run(cfg_for(tmp_path / "reference", **UNFROZEN))
+    assert result.status == ev.COMPLETED
+    assert [sorted(s.lrs) for s in steps_of(reference)][7:9] == [["head"], ["backbone", "head"]]
+    # aborted once epoch 2's checkpoint is written (the run continues from it: it must hold the
+    # backbone's group already), and stopped in epoch 3 after the unfreezing
+    for where, stop in (("boundary", lambda e: isinstance(e, ev.CheckpointSaved) and e.epoch == 2),
+                        ("after", lambda e: isinstance(e, ev.StepEnded) and e.global_step == 10)):
+        control, folders = RunControl(), []
+
+        def listener(event):
+            if isinstance(event, ev.RunStarted):
+                folders.append(Path(event.run_dir))
+            if stop(event):
+                control.request_abort() if where == "boundary" else control.request_stop()
+
+        result = train(cfg_for(tmp_path / where, **UNFROZEN), [listener], control)
+        assert result.status == (ev.ABORTED if where == "boundary" else ev.STOPPED), where
+        assert plan_resume(folders[0]).marker().epoch == 3, where
+        resume_and_check(folders[0], reference)
+        assert [s.lrs for s in steps_of(folders[0])] == [s.lrs for s in steps_of(reference)], where
+
+
 # -- refusals (run folders written by hand: no training needed) ------------------------------------
 
 def fake_run(runs_dir, run_id, status="stopped", pid=1, meta=None):

@@ -469,6 +469,9 @@ class TransferLabApp(InstantSwitchApp):
                                     self.dashboard.action_fewer_epochs)
                 yield SystemCommand("Scale learning rates", "By a factor, from the next epoch boundary (L)",
                                     self.dashboard.action_scale_lr)
+                if self.dashboard.check_action("unfreeze", ()):
+                    yield SystemCommand("Unfreeze the backbone", "It trains too from the next epoch (u)",
+                                        self.dashboard.action_unfreeze)
         runs = self.mode_screen("runs")
         if not self.running and runs is not None and runs.current() is not None \
                 and runs.current().run_id in runs.experiments:

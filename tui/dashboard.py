@@ -37,7 +37,7 @@ from core.config import RunConfig, from_mapping
 from core.store import read_events
 from tui.dialogs import ConfirmScreen, PathScreen
 from tui.keybar import KeyBar
-from tui.plots import AccuracyPlot, LossPlot
+from tui.plots import AccuracyPlot, LossPlot, LrPlot
 
 
 class RunEvent(Message):
@@ -89,10 +89,12 @@ class DashboardScreen(Screen):
         Binding("a", "abort", "Abort"),
         Binding("e", "edit", "Edit & rerun"),
         Binding("r", "toggle_raw", "Raw loss"),
+        Binding("l", "toggle_lr", "LR / loss plot"),
         Binding("h", "half_batch", "Half batch"),
         Binding("plus", "more_epochs", "More epochs", show=False),
         Binding("minus", "fewer_epochs", "Fewer epochs", show=False),
         Binding("L", "scale_lr", "Scale LR", show=False),
+        Binding("u", "unfreeze", "Unfreeze now", show=False),
         Binding("escape", "back", "Back", show=False),
     ]
 
@@ -141,6 +143,7 @@ class DashboardScreen(Screen):
             yield Static("No run yet: press F1 for the form and ctrl+r to start one.", id="summary")
             with Horizontal(id="plots"):
                 yield LossPlot(id="loss")
+                yield LrPlot(id="lr")  # in the loss plot's place while `l` shows it
                 yield AccuracyPlot(id="acc")
             with Horizontal(classes="bar-row"):
                 yield Label("epoch -/-", id="epoch-label")
@@ -243,6 +246,7 @@ class DashboardScreen(Screen):
         self.queue = queue
         self.cfg, self.status, self.epochs = cfg, "starting", cfg.epochs
         self.query_one(LossPlot).reset()
+        self.query_one(LrPlot).reset()
         self.query_one(AccuracyPlot).reset()
         self.query_one("#log", RichLog).clear()
         self.query_one("#epoch-bar", ProgressBar).update(total=cfg.epochs, progress=0)
@@ -284,6 +288,7 @@ class DashboardScreen(Screen):
         if not steps:
             return
         self.query_one(LossPlot).extend("run", [s.global_step for s in steps], [s.loss for s in steps])
+        self.query_one(LrPlot).extend([s.global_step for s in steps], [s.lrs for s in steps])
         self.last_step = steps[-1]
         total = self.started.steps_per_epoch if self.started else None
         self.query_one("#step-bar", ProgressBar).update(total=total, progress=self.last_step.step)
@@ -299,7 +304,9 @@ class DashboardScreen(Screen):
             self.cfg = from_mapping(event.config)
             self.epochs = self.cfg.epochs
             c = self.cfg
-            lrs = f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if c.strategy == "discriminative" else "")
+            own = c.strategy == "discriminative" or (c.strategy == "frozen" and c.unfreeze_epoch)
+            lrs = (f"lr {c.lr:g}" + (f", backbone lr {c.lr_backbone:g}" if own else "")
+                   + (f" {c.schedule}" if c.schedule != "constant" else ""))
             self.query_one("#summary", Static).update(  # names and paths from settings: never markup
                 f"[b]{c.strategy}[/b] · {escape(f'{c.backbone} ({c.pretrained}) · {c.dataset}')} "
                 f"{event.train_size}/{event.test_size} · {c.image_size}px · {lrs} · batch {c.batch_size}\n"
@@ -311,8 +318,9 @@ class DashboardScreen(Screen):
                 self.log_line(f"[yellow]note:[/yellow] {escape(note)}")
             self.log_line(escape(f"Run {event.run_id} started on {event.device}."))
             if self.run is not None:
-                self.log_line("[dim]While it trains: + / - more or fewer epochs, L scales the learning rates "
-                              "(applied at the next epoch boundary).[/dim]")
+                self.log_line("[dim]While it trains: + / - more or fewer epochs, L scales the learning rates"
+                              + (", u unfreezes the backbone" if self.cfg.strategy == "frozen" else "")
+                              + " (applied at the next epoch boundary).[/dim]")
             self.refresh_bindings()
         elif isinstance(event, ev.EpochEnded):
             self.results.append(event)
@@ -382,6 +390,9 @@ class DashboardScreen(Screen):
             return self.cfg is not None
         if action in ("more_epochs", "fewer_epochs", "scale_lr"):
             return self.run is not None and self.status == "running"
+        if action == "unfreeze":
+            return self.run is not None and self.status == "running" and self.cfg is not None \
+                and self.cfg.strategy == "frozen"
         if action == "half_batch":
             return self.out_of_memory and not self.pushed and self.cfg is not None and self.cfg.batch_size > 1
         return True
@@ -423,6 +434,11 @@ class DashboardScreen(Screen):
             self._change(lr_scale=scale, said=f"learning rates x{scale:g}")
 
         self.app.push_screen(PathScreen("Scale the learning rates by (at the next epoch boundary):", "0.5"), chosen)
+
+    def action_unfreeze(self) -> None:
+        """A frozen run: the backbone trains too from the next epoch (at the backbone lr)."""
+        if self.check_action("unfreeze", ()):
+            self._change(unfreeze=True, said="the backbone unfrozen")
 
     @work(thread=True, exit_on_error=False, group="request")
     def _change(self, said: str, **changes: Any) -> None:
@@ -488,6 +504,12 @@ class DashboardScreen(Screen):
         plot = self.query_one(LossPlot)
         plot.show_raw = not plot.show_raw
         plot.redraw_now()
+
+    def action_toggle_lr(self) -> None:
+        """Show the learning rate per step in the loss plot's place, or the loss again."""
+        loss, lr = self.query_one(LossPlot), self.query_one(LrPlot)
+        loss.display, lr.display = not loss.display, loss.display
+        (lr if lr.display else loss).redraw_now()
 
     def action_back(self) -> None:
         if self.pushed:

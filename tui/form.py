@@ -18,18 +18,39 @@ from core import config as C
 from core.cli import command_line, launcher_line
 from core.config import STRATEGIES, RunConfig
 from core.distributed import DistributedError, Topology, check_batch
+from core.schedule import curve
 from tui.dialogs import PathScreen
 from tui.keybar import KeyBar
+from tui.plots import LrPlot
 
 LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "train subset",
           "limit_test": "test subset", "image_size": "image size", "batch_size": "batch size",
-          "weight_decay": "weight decay", "data_root": "data root", "runs_dir": "runs folder"}
+          "weight_decay": "weight decay", "data_root": "data root", "runs_dir": "runs folder",
+          "warmup_epochs": "warmup epochs", "step_every": "step every", "step_gamma": "step gamma",
+          "label_smoothing": "label smoothing", "no_wd_bn_bias": "no wd bn/bias",
+          "early_stopping": "early stopping", "unfreeze_epoch": "unfreeze epoch"}
 CHOICE_FIELDS = {n for n in C.FIELDS if C.FIELDS[n].metadata.get("choices") or C.field_type(n) is bool}
 """Fields shown as a Select (a fixed list of options)."""
 SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
 MAX_PROCESSES = 64
 """More processes than this on one node is a typing slip, not a machine."""
 BACKGROUND_NOTE = "several processes run in background"
+PREVIEW_STEPS_PER_EPOCH = 100
+"""Steps per epoch of the lr preview when the form cannot know them (no train subset): the
+curve over epochs is the same but for the rounding of the warmup to whole steps."""
+
+
+def lr_curves(cfg: RunConfig) -> Dict[str, Tuple[List[float], List[float]]]:
+    """The lr of each param group over the run, in epochs, by core.schedule (as the trainer sets
+    it): the head's (or all layers'), and the backbone's where it has its own."""
+    per_epoch = -(-cfg.limit_train // cfg.batch_size) if cfg.limit_train else PREVIEW_STEPS_PER_EPOCH
+    xs, factors = curve(cfg, per_epoch)
+    curves = {"lr": (xs, [cfg.lr * f for f in factors])}
+    if cfg.strategy == "discriminative" or (cfg.strategy == "frozen" and cfg.unfreeze_epoch):
+        start = cfg.unfreeze_epoch - 1 if cfg.strategy == "frozen" else 0
+        kept = [(x, cfg.lr_backbone * f) for x, f in zip(xs, factors) if x >= start]
+        curves["backbone"] = ([x for x, _ in kept], [y for _, y in kept])
+    return curves
 
 
 def field_widget(name: str, value: Any) -> Any:
@@ -73,7 +94,7 @@ class FormScreen(Screen):
         self.notes = list(notes)
         self.problems: List[str] = []
         self.preset_path = "preset.toml"
-        self._shown: Dict[str, str] = {}
+        self._shown: Dict[str, Any] = {}
         self.processes = 1
         """The last valid "processes" value (start is refused while the field is not valid)."""
         self._background_choice = False
@@ -104,6 +125,7 @@ class FormScreen(Screen):
                 yield Static(id="params")
                 yield Static(id="notes")
                 yield Static(id="command")
+                yield LrPlot("learning rate (preview)", xlabel="epoch", id="lr-preview")
         yield KeyBar()
 
     def on_mount(self) -> None:
@@ -187,7 +209,11 @@ class FormScreen(Screen):
         for name in [*C.FIELDS, "processes"]:  # set_class and `disabled` do nothing when nothing changes
             self.query_one(f"#row-{name}").set_class(name in bad, "-invalid")
         strategy = self.query_one("#f-strategy", Select).value
-        self.query_one("#f-lr_backbone").disabled = strategy != "discriminative"
+        unfreezes = strategy == "frozen" and self.query_one("#f-unfreeze_epoch", Input).value.strip() not in ("", "0")
+        self.query_one("#f-lr_backbone").disabled = strategy != "discriminative" and not unfreezes
+        stepped = self.query_one("#f-schedule", Select).value == "step"
+        for name in ("step_every", "step_gamma"):
+            self.query_one(f"#f-{name}").disabled = not stepped
         self._show("#strategy-help", f"[b]{strategy}[/b]: {STRATEGIES.get(strategy, '')}")
         self._show("#problems", "\n".join(f"[red]✗[/red] {escape(p)}" for p in problems) if problems
                    else "[green]✓ ready to start[/green]")
@@ -195,7 +221,18 @@ class FormScreen(Screen):
         self._show("#command", "" if problems else self.command_text())
         self.query_one("#start", Button).disabled = bool(problems)
         if not problems:
+            self._preview_lr()
             self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
+
+    def _preview_lr(self) -> None:
+        """Redraw the lr preview when the settings it depends on changed (the plot is rebuilt
+        on its own timer, on the UI thread)."""
+        key = tuple(getattr(self.cfg, n) for n in ("schedule", "warmup_epochs", "step_every", "step_gamma",
+                                                     "epochs", "lr", "lr_backbone", "strategy",
+                                                     "unfreeze_epoch", "limit_train", "batch_size"))
+        if self._shown.get("#lr-preview") != key:
+            self._shown["#lr-preview"] = key
+            self.query_one(LrPlot).set_curves(lr_curves(self.cfg))
 
     def _show(self, selector: str, text: str) -> None:
         """Update a Static only when its text changes (an update re-lays out the side panel)."""

@@ -245,3 +245,41 @@ class AccuracyPlot(TimedPlot):
             plt.xticks(list(epochs))
         plt.ylim(0, 1)
         plt.xlabel("epoch")
+
+
+class LrPlot(TimedPlot):
+    """Learning rate per param group: the form's preview of the schedule over the run (set
+    whole), or the dashboard's lrs as a run reports them (extended per step)."""
+
+    def __init__(self, title: str = "learning rate per step", xlabel: str = "step", **kwargs) -> None:
+        super().__init__(title, **kwargs)
+        self.xlabel = xlabel
+        self.series: Dict[str, Buckets] = {}
+
+    def reset(self) -> None:
+        self.series.clear()
+        self.mark_dirty()
+
+    def set_curves(self, curves: Dict[str, Tuple[Sequence[float], Sequence[float]]]) -> None:
+        """Replace every series (the form's preview)."""
+        self.series.clear()
+        for name, (xs, ys) in curves.items():
+            self.series.setdefault(name, Buckets()).extend(xs, ys)
+        self.mark_dirty()
+
+    def extend(self, steps: Sequence[int], lrs: Sequence[Dict[str, float]]) -> None:
+        """The lrs of consecutive steps, one dict per step (a group appears when it starts
+        training: the backbone unfrozen)."""
+        for name in {name for step_lrs in lrs for name in step_lrs}:
+            pairs = [(x, step_lrs[name]) for x, step_lrs in zip(steps, lrs) if name in step_lrs]
+            self.series.setdefault(name, Buckets()).extend([x for x, _ in pairs], [y for _, y in pairs])
+        self.dirty = True
+
+    def draw(self, plt) -> None:
+        for i, (name, buckets) in enumerate(sorted(self.series.items())):
+            plt.plot(buckets.xs, buckets.ys, label=name if len(self.series) > 1 else None, marker="braille",
+                     color=COLORS[i % len(COLORS)])
+        top = max((max(b.ys) for b in self.series.values() if b.ys), default=0.0)
+        if top > 0:  # from 0: a warmup or a decay shows in proportion
+            plt.ylim(0, top * 1.05)
+        plt.xlabel(self.xlabel)

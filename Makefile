@@ -1,6 +1,7 @@
 # TransferLab: `make run` opens the app on the built-in digits data, `make test` runs the tests.
-# Both create .venv with Python 3.10 and install everything first (scripts/setup.sh).
-.PHONY: setup run test bench screenshots
+# `make demo` runs the offline transfer experiment (scripts/demo.py: digits 0-4 -> 5-9).
+# All create .venv with Python 3.10 and install everything first (scripts/setup.sh).
+.PHONY: setup run test bench screenshots demo
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +17,6 @@ bench: setup
 
 screenshots: setup
 	.venv/bin/python scripts/screenshots.py
+
+demo: setup
+	.venv/bin/python scripts/demo.py $(ARGS)

@@ -57,7 +57,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="read settings from a .toml or .json preset "
                         "(flags given as well override it)")
     for name, f in C.FIELDS.items():
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"] + ("" if f.default == "" else f" (default: {f.default})")
         if C.field_type(name) is bool:
             group = parser.add_mutually_exclusive_group()
             group.add_argument(flag(name), dest=name, action="store_const", const="yes", help=help_text)

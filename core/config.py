@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -96,6 +97,10 @@ class RunConfig:
     """Where to train; auto checks that this OneFlow build can run on the GPU before using it."""
     runs_dir: str = _field("./runs", "Folder that receives one subfolder per run")
     """Run folders (config, metrics, summary, checkpoints) are created below it."""
+    classes: str = _field("", "Only these classes: indices and ranges (0-4 or 5,7,9) or names (cat,dog); "
+                              "empty = all")
+    """A class subset, relabelled 0..k-1 in the order given (pretrain on some classes, transfer to
+    others). Indices count in the dataset's own class list; names are its class names."""
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,11 +247,67 @@ def validate(cfg: RunConfig) -> List[str]:
         problems.append(f"seed must be between 0 and {MAX_SEED}, got {shown(cfg.seed)}")
     if not cfg.runs_dir.strip():
         problems.append("runs_dir must name a folder")
+    try:
+        parse_classes(cfg.classes)
+    except ValueError as exc:
+        problems.append(str(exc))
     for name in FIELDS:
         value = getattr(cfg, name)
         if isinstance(value, str) and "\x00" in value:
             problems.append(f"{name} must not contain a NUL character, got {shown(value)}")
     return problems
+
+
+MAX_CLASSES = 100_000
+"""A class subset listing more classes than this is a typing slip (ImageNet-21k has ~21,000)."""
+CLASS_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)")
+CLASS_INDEX = re.compile(r"[0-9]+")
+
+
+def parse_classes(text: str) -> List[Any]:
+    """The `classes` setting as a list of class indices (ints) or of class names (strs), in the
+    order given; [] for all classes. Raises ValueError with one line saying what is wrong.
+
+    Items are separated by commas. An item of digits is an index and `A-B` a range of them
+    (both ends included); anything else is a name. Indices and names cannot be mixed: "3" could
+    be either. Whether the dataset has them is only known once it is loaded (core.data)."""
+    if not text.strip():
+        return []
+    picked: List[Any] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError(f"classes has an empty item in {shown(text)}: separate classes with single commas")
+        span = CLASS_RANGE.fullmatch(item)
+        if span and (len(span[1]) > 6 or len(span[2]) > 6):
+            raise ValueError(f"classes range {shown(item)} is too large (at most {MAX_CLASSES:,} classes)")
+        if span:
+            first, last = int(span[1]), int(span[2])
+            if first > last:
+                raise ValueError(f"classes range {item} is empty: write {last}-{first}")
+            if last - first >= MAX_CLASSES:
+                raise ValueError(f"classes range {item} is too large (at most {MAX_CLASSES:,} classes)")
+            picked.extend(range(first, last + 1))
+        elif CLASS_INDEX.fullmatch(item):
+            if len(item) > 6:
+                raise ValueError(f"classes index {shown(item)} is too large")
+            picked.append(int(item))
+        else:
+            picked.append(item)
+        if len(picked) > MAX_CLASSES:
+            raise ValueError(f"classes lists more than {MAX_CLASSES:,} classes")
+    kinds = {type(c) for c in picked}
+    if len(kinds) > 1:
+        index = next(c for c in picked if isinstance(c, int))
+        name = next(c for c in picked if isinstance(c, str))
+        raise ValueError(f"classes mixes indices ({index}) and names ({shown(name)}): use one kind")
+    seen = set()
+    for c in picked:
+        if c in seen:
+            raise ValueError(f"classes lists {shown(c) if isinstance(c, str) else c} more than once")
+        seen.add(c)
+    if len(picked) < 2:
+        raise ValueError(f"classes must pick at least two classes, got {shown(text.strip())}")
+    return picked
 
 
 def check(cfg: RunConfig) -> RunConfig:

@@ -49,6 +49,14 @@ class ArrayData:
         idx = stratified_indices(self.labels, limit, seed)
         return ArrayData(self.images[idx], self.labels[idx], self.classes)
 
+    def select(self, picked: Sequence[int]) -> "ArrayData":
+        """Only the classes `picked` (indices into self.classes), relabelled 0..k-1 in that order."""
+        relabel = np.full(len(self.classes), -1, np.int64)
+        relabel[list(picked)] = np.arange(len(picked))
+        new = relabel[self.labels]
+        keep = np.flatnonzero(new >= 0)
+        return ArrayData(self.images[keep], new[keep], [self.classes[i] for i in picked])
+
 
 def stratified_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """`count` indices drawn so that each class keeps its share (largest remainders), sorted."""
@@ -319,32 +327,66 @@ def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
     return ArrayData(np.stack(images), np.asarray(labels, np.int64), list(classes))
 
 
-def load_imagefolder(path: str | Path, size: int) -> Tuple[ArrayData, ArrayData]:
-    """PATH/train/<class>/*.png and PATH/test/<class>/ (or PATH/val/<class>/), read at `size` px."""
+def load_imagefolder(path: str | Path, size: int, classes: str = "") -> Tuple[ArrayData, ArrayData]:
+    """PATH/train/<class>/*.png and PATH/test/<class>/ (or PATH/val/<class>/), read at `size` px;
+    with `classes`, only those class folders (see pick_classes), in the order given."""
     root = Path(path).expanduser()
     train_dir = root / "train"
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"imagefolder {root} needs a train/ folder and a test/ (or val/) folder, "
                         f"each with one subfolder per class")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise DataError(f"{train_dir} must have at least two class subfolders, found {len(classes)}")
-    return _read_folder(train_dir, classes, size), _read_folder(test_dir, classes, size)
+    names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(names) < 2:
+        raise DataError(f"{train_dir} must have at least two class subfolders, found {len(names)}")
+    names = [names[i] for i in pick_classes(names, classes, f"imagefolder {root}")]
+    return _read_folder(train_dir, names, size), _read_folder(test_dir, names, size)
+
+
+def pick_classes(available: Sequence[str], classes: str, dataset: str) -> List[int]:
+    """The indices into `available` that the `classes` setting names (core.config.parse_classes
+    syntax), in its order; every class when it is empty. A class the dataset does not have is a
+    DataError whose one line lists the classes it does have."""
+    from core.config import parse_classes
+
+    try:
+        wanted = parse_classes(classes)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if not wanted:
+        return list(range(len(available)))
+    index = {name: i for i, name in enumerate(available)}
+    unknown = [c for c in wanted if (c not in index if isinstance(c, str) else c >= len(available))]
+    if unknown:
+        listed = ", ".join(available[:MAX_LISTED]) + (f" and {len(available) - MAX_LISTED} more"
+                                                      if len(available) > MAX_LISTED else "")
+        what = ", ".join(repr(c) if isinstance(c, str) else str(c) for c in unknown[:5])
+        raise DataError(f"classes: {dataset} has no class {what}; it has {listed} (indices 0-{len(available) - 1})")
+    return [index[c] if isinstance(c, str) else c for c in wanted]
+
+
+MAX_LISTED = 20
+"""An unknown-class message lists at most this many of the dataset's classes."""
 
 
 def load_dataset(name: str, data_root: str, image_size: int, seed: int = 0,
-                 download: bool = True) -> Tuple[ArrayData, ArrayData]:
-    """The (train, test) pair for a config's dataset name."""
+                 download: bool = True, classes: str = "") -> Tuple[ArrayData, ArrayData]:
+    """The (train, test) pair for a config's dataset name, with only the `classes` it picks
+    (relabelled 0..k-1 in the order given; all of them when empty)."""
+    if name.startswith("imagefolder:"):  # reads the picked classes' folders only
+        return load_imagefolder(name[len("imagefolder:"):], image_size, classes)
     if name == "digits":
-        return load_digits()
-    if name == "synthetic":
-        return load_synthetic(seed=seed)
-    if name == "cifar10":
-        return load_cifar10(data_root, download=download)
-    if name.startswith("imagefolder:"):
-        return load_imagefolder(name[len("imagefolder:"):], image_size)
-    raise DataError(f"unknown dataset {name!r}")
+        train, test = load_digits()
+    elif name == "synthetic":
+        train, test = load_synthetic(seed=seed)
+    elif name == "cifar10":
+        train, test = load_cifar10(data_root, download=download)
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    if not classes.strip():
+        return train, test
+    picked = pick_classes(train.classes, classes, name)
+    return train.select(picked), test.select(picked)
 
 
 def batches(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:

@@ -58,8 +58,17 @@ def machine_defaults(cfg: RunConfig, keep: Iterable[str] = ()) -> Tuple[RunConfi
     return cfg.replace(**changes), notes
 
 
-def class_count(dataset: str, data_root: str) -> int:
-    """How many classes a dataset has, without loading it (0 when unknown)."""
+def class_count(dataset: str, data_root: str, classes: str = "") -> int:
+    """How many classes a run on `dataset` (only `classes` of it, when given) has, without loading
+    it (0 when unknown)."""
+    from core.config import parse_classes
+
+    try:
+        picked = len(parse_classes(classes))
+    except ValueError:
+        picked = 0
+    if picked:
+        return picked
     if dataset in ("digits", "cifar10"):
         return 10
     if dataset == "synthetic":

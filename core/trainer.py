@@ -170,7 +170,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     check_runs_dir(cfg.runs_dir)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed)
+    train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed,
+                                         classes=cfg.classes)
     train_data = train_data.subset(cfg.limit_train, cfg.seed)
     test_data = test_data.subset(cfg.limit_test, cfg.seed + 1)
     notes: List[str] = []
@@ -182,6 +183,9 @@ def prepare(cfg: RunConfig) -> Prepared:
         notes.append(f"unfreeze_epoch={cfg.unfreeze_epoch} applies to the frozen strategy only: "
                      f"{cfg.strategy} trains its backbone from the start")
     model, head = build_model(cfg.backbone, len(train_data.classes), pretrained)
+    if pretrained not in ("imagenet", "none"):  # a checkpoint's head was trained for its own task
+        notes.append(f"backbone loaded from {pretrained}; its head is not: a new {head} for "
+                     f"{len(train_data.classes)} classes starts from random weights")
     bad = first_non_finite(model)
     if bad is not None:
         raise WeightsError(f"the weights from {pretrained} hold NaN or infinite values (first in {bad}): "

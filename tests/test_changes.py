@@ -96,3 +96,21 @@ async def test_the_dashboard_asks_for_more_epochs_with_plus(tmp_path):
         assert "after epoch 1: epochs 1 -> 3" in log
     (run,) = [r for r in (tmp_path / "runs").iterdir()]
     assert read_run(run).summary["epochs_done"] == 3
+
+
+def test_unfreeze_now_makes_a_frozen_backbone_train_from_the_next_epoch(tmp_path):
+    box = []
+
+    def ask(event):
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            box[0].change(unfreeze=True)
+
+    run = Local(tiny(tmp_path, strategy="frozen", lr_backbone=0.0002), listeners=[ask])
+    box.append(run)
+    assert run.run().status == ev.COMPLETED
+    events = read_events(run.run_dir)
+    (changed,) = [e for e in events if isinstance(e, ev.SettingsChanged)]
+    assert changed.summary == "the backbone trains from epoch 2 at lr 0.0002"
+    groups = {e.epoch: sorted(e.lrs) for e in events if isinstance(e, ev.StepEnded)}
+    assert groups == {1: ["head"], 2: ["backbone", "head"]}
+    assert json.loads((run.run_dir / "config.json").read_text())["unfreeze_epoch"] == 2

@@ -263,3 +263,16 @@ def test_command_line_says_how_the_run_is_started():
     line = launcher_line(Topology(nproc_per_node=3))
     assert " -m oneflow.distributed.launch --nproc_per_node 3 --nnodes 1 --node_rank 0 " in line
     assert line.endswith(" -m tui train --config 'RUNS/.launch-ddp-*.json'")
+
+
+def test_classes_the_dataset_lacks_are_one_line_and_no_run_folder(tmp_path, capsys):
+    from core import cli
+
+    code = cli.main(["train", *TINY, "--runs-dir", str(tmp_path / "runs"), "--classes", "5-9,12"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "libibverbs" not in line]
+    assert code == cli.EXIT_FAILED and "Traceback" not in err
+    assert lines == ["error: classes: digits has no class 12; it has 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (indices 0-9)"]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert cli.main(["train", *TINY, "--classes", "3-1"]) == cli.EXIT_USAGE
+    assert "error: --classes range 3-1 is empty: write 1-3" in capsys.readouterr().err

@@ -64,3 +64,35 @@ def test_load_reports_broken_and_missing_files(tmp_path):
     wrong.write_text(json.dumps({"epochs": True}))
     with pytest.raises(C.ConfigError, match="epochs must be a whole number, got True"):
         C.load(wrong)
+
+
+@pytest.mark.parametrize("text, picked", [
+    ("", []), ("0-4", [0, 1, 2, 3, 4]), ("5,7,9", [5, 7, 9]), ("0-2,8", [0, 1, 2, 8]), ("9, 3", [9, 3]),
+    ("cat,dog", ["cat", "dog"]), (" t-shirt , bag ", ["t-shirt", "bag"]), ("8 - 9", [8, 9]),
+])
+def test_classes_are_ranges_lists_or_names_in_the_order_given(text, picked):
+    assert C.parse_classes(text) == picked
+    assert C.validate(C.RunConfig(classes=text)) == []
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("0,,2", "classes has an empty item in '0,,2': separate classes with single commas"),
+    ("1,", "classes has an empty item in '1,': separate classes with single commas"),
+    ("4-0", "classes range 4-0 is empty: write 0-4"),
+    ("1,2,1", "classes lists 1 more than once"),
+    ("0-3,2", "classes lists 2 more than once"),
+    ("cat,dog,cat", "classes lists 'cat' more than once"),
+    ("cat,3", "classes mixes indices (3) and names ('cat'): use one kind"),
+    ("7", "classes must pick at least two classes, got '7'"),
+    ("0-99999999", "classes range '0-99999999' is too large (at most 100,000 classes)"),
+])
+def test_bad_classes_get_one_line_each(text, problem):
+    with pytest.raises(ValueError) as info:
+        C.parse_classes(text)
+    assert str(info.value) == problem
+    assert C.validate(C.RunConfig(classes=text)) == [problem]
+
+
+def test_classes_go_through_files_and_text(tmp_path):
+    cfg = C.from_mapping({"classes": "5-9", "dataset": "digits"})
+    assert cfg.classes == "5-9" and C.load(C.save(cfg, tmp_path / "p.toml")) == cfg

@@ -147,3 +147,62 @@ def test_flips_flip_about_half_of_the_images():
     assert 150 < flipped.sum() < 250
     untouched = t(images, False, np.random.default_rng(1)).numpy()
     assert np.all(untouched[:, 0, :, 0] == 1)
+
+
+def test_digits_class_subset_keeps_those_classes_relabelled_in_order():
+    full_train, full_test = D.load_digits()
+    train, test = D.load_dataset("digits", "unused", 8, classes="7,2,5")
+    assert train.classes == ["7", "2", "5"] and test.classes == train.classes
+    for split, full in ((train, full_train), (test, full_test)):
+        assert sorted(set(split.labels)) == [0, 1, 2]
+        for new, old in enumerate((7, 2, 5)):
+            assert np.array_equal(split.images[split.labels == new], full.images[full.labels == old])
+    assert len(train) == sum(int((full_train.labels == c).sum()) for c in (7, 2, 5))
+    low, _ = D.load_dataset("digits", "unused", 8, classes="0-4")
+    assert low.classes == ["0", "1", "2", "3", "4"] and low.labels.max() == 4
+    assert len(low.subset(50, seed=0)) == 50 and set(low.subset(50, seed=0).labels) == set(range(5))
+
+
+def test_cifar10_class_subset_by_name_or_index(tmp_path):
+    write_cifar(tmp_path, per_batch=20, test=20)
+    full_train, full_test = D.load_cifar10(tmp_path, download=False)
+    train, test = D.load_dataset("cifar10", str(tmp_path), 32, download=False, classes="dog,cat")
+    assert train.classes == ["dog", "cat"] and test.classes == ["dog", "cat"]
+    for split, full in ((train, full_train), (test, full_test)):
+        assert len(split) == int(np.isin(full.labels, [5, 3]).sum())
+        assert np.array_equal(split.images[split.labels == 0], full.images[full.labels == 5])
+        assert np.array_equal(split.images[split.labels == 1], full.images[full.labels == 3])
+    by_index, _ = D.load_dataset("cifar10", str(tmp_path), 32, download=False, classes="5,3")
+    assert by_index.classes == ["dog", "cat"] and np.array_equal(by_index.labels, train.labels)
+
+
+def test_imagefolder_class_subset_reads_only_those_folders(tmp_path):
+    from PIL import Image
+
+    colours = {"cats": (200, 30, 30), "dogs": (30, 200, 30), "owls": (30, 30, 200)}
+    for split in ("train", "test"):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), colour).save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "train" / "cats" / "0.png").write_bytes(b"not a png: never read when cats are left out")
+    train, test = D.load_dataset(f"imagefolder:{tmp_path}", "unused", 8, classes="owls,dogs")
+    assert train.classes == ["owls", "dogs"] and list(train.labels) == [0, 0, 1, 1]
+    assert tuple(train.images[0, 4, 4]) == colours["owls"] and tuple(test.images[3, 4, 4]) == colours["dogs"]
+    by_index, _ = D.load_dataset(f"imagefolder:{tmp_path}", "unused", 8, classes="2,1")
+    assert by_index.classes == ["owls", "dogs"]
+    with pytest.raises(D.DataError) as info:
+        D.load_dataset(f"imagefolder:{tmp_path}", "unused", 8, classes="owls,bats")
+    assert str(info.value) == f"classes: imagefolder {tmp_path} has no class 'bats'; it has cats, dogs, owls (indices 0-2)"
+
+
+@pytest.mark.parametrize("dataset, classes, message", [
+    ("digits", "8-12", "classes: digits has no class 10, 11, 12; it has 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (indices 0-9)"),
+    ("synthetic", "class1,class9", "classes: synthetic has no class 'class9'; it has class0, class1, class2, class3 "
+                                   "(indices 0-3)"),
+    ("digits", "0,0", "classes lists 0 more than once"),
+])
+def test_unknown_classes_are_one_line_listing_what_exists(dataset, classes, message):
+    with pytest.raises(D.DataError) as info:
+        D.load_dataset(dataset, "unused", 8, classes=classes)
+    assert str(info.value) == message

@@ -221,3 +221,29 @@ def test_a_divergence_at_a_small_learning_rate_is_not_blamed_on_it(tiny_cfg, mon
     assert result.status == ev.FAILED and "training diverged" in result.message
     assert "not the learning rate alone (lr=0.0001 is small)" in result.message
     assert "lower --lr" not in result.message
+
+
+def test_transfer_from_a_class_subset_checkpoint_loads_the_backbone_and_a_fresh_head(tiny_cfg):
+    """Pretrain on digits 0-4 (a 5-class head), then transfer to 5-9 (same head shape) and to 7-9:
+    the backbone comes from the checkpoint, the head starts fresh for the new task either way."""
+    from core.trainer import prepare
+    from core.weights import load_checkpoint
+
+    rec = Recorder()
+    train(tiny_cfg.replace(classes="0-4"), [rec])
+    (started,) = rec.of(ev.RunStarted)
+    assert started.num_classes == 5 and started.config["classes"] == "0-4"
+    best = [e.path for e in rec.of(ev.CheckpointSaved) if e.kind == "best"][0]
+    saved, _, meta = load_checkpoint(best, with_optimizer=False)
+    assert meta["classes"] == ["0", "1", "2", "3", "4"] and tuple(saved["fc.weight"].shape) == (5, 512)
+    for classes, k in (("5-9", 5), ("7-9", 3)):
+        p = prepare(tiny_cfg.replace(classes=classes, pretrained=best, seed=3))
+        fresh = prepare(tiny_cfg.replace(classes=classes, pretrained="none", seed=3))
+        assert p.train.classes == [str(c) for c in range(10 - k, 10)] and set(p.train.labels) == set(range(k))
+        assert np.array_equal(p.model.layer3[1].conv2.weight.numpy(), saved["layer3.1.conv2.weight"].numpy())
+        assert np.array_equal(p.model.bn1.running_mean.numpy(), saved["bn1.running_mean"].numpy())
+        assert p.model.fc.weight.shape == (k, 512)
+        assert np.array_equal(p.model.fc.weight.numpy(), fresh.model.fc.weight.numpy())  # a new head...
+        if k == 5:  # ...not the checkpoint's, though it has the same shape
+            assert not np.allclose(p.model.fc.weight.numpy(), saved["fc.weight"].numpy())
+        assert any(f"backbone loaded from {best}; its head is not: a new fc for {k} classes" in n for n in p.notes)

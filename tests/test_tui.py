@@ -811,3 +811,21 @@ async def test_loading_settings_leaves_the_launch_options_as_they_were(tmp_path)
         assert form.query_one("#f-processes", Input).value == "2" and form.processes == 2
         assert form.query_one("#f-background", Select).value is True and form.background
         assert "--nproc-per-node2" in squash(str(form.query_one("#command").render()))
+
+
+async def test_the_classes_row_validates_as_you_type_and_sizes_the_head(tmp_path):
+    app = TransferLabApp(tiny(tmp_path, strategy="frozen"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-classes", Input).value = "5-9,7"
+        await pilot.pause()
+        assert "classes lists 7 more than once" in str(form.query_one("#problems").render())
+        assert form.query_one("#row-classes").has_class("-invalid") and form.query_one("#start", Button).disabled
+        form.query_one("#f-classes", Input).value = "5-9"
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not form.query_one("#row-classes").has_class("-invalid") and form.cfg.classes == "5-9"
+        assert "--classes 5-9" in str(form.query_one("#command").render())
+        assert f"trainable parameters {512 * 5 + 5:,} of" in str(form.query_one("#params").render())

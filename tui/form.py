@@ -32,6 +32,8 @@ LABELS = {"lr": "learning rate", "lr_backbone": "backbone lr", "limit_train": "t
 CHOICE_FIELDS = {n for n in C.FIELDS if C.FIELDS[n].metadata.get("choices") or C.field_type(n) is bool}
 """Fields shown as a Select (a fixed list of options)."""
 SUGGESTIONS = {"dataset": ["cifar10", "digits", "synthetic", "imagefolder:"], "pretrained": ["imagenet", "none"]}
+PLACEHOLDERS = {"classes": "all (or 0-4, 5,7,9, cat,dog)"}
+"""Shown in an empty field whose emptiness means something."""
 MAX_PROCESSES = 64
 """More processes than this on one node is a typing slip, not a machine."""
 BACKGROUND_NOTE = "several processes run in background"
@@ -63,7 +65,8 @@ def field_widget(name: str, value: Any) -> Any:
         return Select([("yes", True), ("no", False)], value=value, allow_blank=False, compact=True, id=wid)
     text = f"{value:g}" if isinstance(value, float) else str(value)
     suggester = SuggestFromList(SUGGESTIONS[name], case_sensitive=False) if name in SUGGESTIONS else None
-    return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False)
+    return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False,
+                 placeholder=PLACEHOLDERS.get(name, ""))
 
 
 def parse_processes(text: str) -> int:
@@ -222,7 +225,8 @@ class FormScreen(Screen):
         self.query_one("#start", Button).disabled = bool(problems)
         if not problems:
             self._preview_lr()
-            self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root)
+            self._count_params(self.cfg.backbone, self.cfg.strategy, self.cfg.dataset, self.cfg.data_root,
+                               self.cfg.classes)
 
     def _preview_lr(self) -> None:
         """Redraw the lr preview when the settings it depends on changed (the plot is rebuilt
@@ -247,11 +251,11 @@ class FormScreen(Screen):
             self.revalidate()
 
     @work(thread=True, exclusive=True, group="params")
-    def _count_params(self, backbone: str, strategy: str, dataset: str, data_root: str) -> None:
+    def _count_params(self, backbone: str, strategy: str, dataset: str, data_root: str, subset: str) -> None:
         from core.suggest import class_count, param_counts
 
         try:
-            classes = class_count(dataset, data_root)
+            classes = class_count(dataset, data_root, subset)
             trainable, total = param_counts(backbone, strategy, classes or 10)
             text = (f"trainable parameters [b]{trainable:,}[/b] of {total:,} "
                     f"({100 * trainable / total:.1f}%)" + ("" if classes else " (class count unknown)"))

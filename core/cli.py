@@ -254,7 +254,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
         explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
         return launch_tui(cfg, explicit)
     if args.detach and (args.nnodes or 1) == 1:  # with --nproc-per-node: the launcher in the background
-        return cmd_detach(cfg, processes=args.nproc_per_node or 1, port=args.master_port)  # None: a free one
+        processes = 1 if args.nproc_per_node is None else args.nproc_per_node
+        return cmd_detach(cfg, processes=processes, port=args.master_port)  # port None: a free one
     if args.nproc_per_node is not None or args.nnodes is not None:
         return cmd_launch(cfg, args)
     return cmd_train(cfg)
@@ -326,21 +327,27 @@ def attach_target(runs_dir: str, ref: Optional[str]):
 def cmd_detach(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, processes: int = 1,
                port: Optional[int] = None) -> int:
     """train --detach: start the run (or the resumption of `resume` = (run folder, epochs)) in the
-    background, through the launcher with processes > 1; say which run it is; return."""
+    background, through the launcher with processes > 1; say which run it is; return. Ctrl-C while
+    it starts ends the child too (nothing is left running unnamed)."""
     from core.distributed import Topology, check_batch
     from core.errors import SetupError
-    from core.launch import start_detached
+    from core.launch import START_TIMEOUT, Child
 
     console, err = _console(), _console(stderr=True)
     run_dir, epochs = resume or (None, None)
+    child = None
     try:
-        if processes > 1:
+        if processes != 1:
             problems = Topology(processes).problems()
             if problems:
                 raise UsageError(problems)
-            check_batch(cfg.batch_size, processes)
+            try:
+                check_batch(cfg.batch_size, processes)
+            except SetupError as exc:
+                raise UsageError([str(exc)]) from None
         with console.status("starting the run in the background (loading data and model)..."):
-            started = start_detached(cfg, resume=run_dir, epochs=epochs, processes=processes, port=port)
+            child = Child(cfg, run_dir, epochs, processes, port)
+            started = child.wait(START_TIMEOUT)
     except UsageError as exc:
         for problem in exc.problems:
             err.print(f"error: {problem}", markup=False)
@@ -348,21 +355,33 @@ def cmd_detach(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, proce
     except (SetupError, OSError) as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        if child is not None:
+            child.terminate()
+            child.process.wait(30)
+            child.poll()
+            if child.state.run_dir is not None:  # it had just started: it stops with a checkpoint
+                err.print(f"interrupted: run {child.state.run_dir.name} was asked to stop", markup=False)
+                return EXIT_ABORTED
+            child.state.log.unlink(missing_ok=True)
+        err.print("interrupted: the background run was not started", markup=False)
+        return EXIT_ABORTED
     if started.exit_code is not None:  # it could not start: its log holds the one-line reason
         for line in started.reason():
             err.print(line, markup=False)
-        return started.exit_code or EXIT_FAILED
+        return EXIT_FAILED if started.exit_code not in (EXIT_USAGE, EXIT_ABORTED) else started.exit_code
     if started.run_dir is None:
         console.print(f"started in the background (pid {started.pid}); still loading data and model after "
-                      f"a while: its output is in {started.log}", markup=False)
+                      f"{START_TIMEOUT:.0f} s: its output is in {started.log} until its run starts, then in "
+                      "RUN/output.log; transferlab runs shows it once it has started", markup=False)
         return EXIT_OK
     run_id, runs_dir = started.run_dir.name, started.run_dir.parent
     how = f" on {processes} processes" if processes > 1 else ""
+    ref = f"{shlex.quote(run_id)} --runs-dir {shlex.quote(str(runs_dir))}"
     console.print(f"run {run_id} {'resumed' if resume else 'started'} in the background{how} (pid {started.pid})",
                   markup=False)
-    console.print(f"  output: {started.log}\n  watch:  transferlab attach {run_id} --runs-dir {runs_dir}\n"
-                  f"  stop:   transferlab stop {run_id} --runs-dir {runs_dir}   (saves a checkpoint; --abort: at once)",
-                  markup=False)
+    console.print(f"  output: {started.log}\n  watch:  transferlab attach {ref}\n"
+                  f"  stop:   transferlab stop {ref}   (saves a checkpoint; --abort: at once)", markup=False)
     return EXIT_OK
 
 
@@ -403,8 +422,9 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
     from core.errors import SetupError
 
     err = _console(stderr=True)
-    topo = Topology(args.nproc_per_node or 1, args.nnodes or 1, args.node_rank, args.master_addr,
-                    DEFAULT_PORT if args.master_port is None else args.master_port)
+    given = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
+    topo = Topology(given(args.nproc_per_node, 1), given(args.nnodes, 1), args.node_rank, args.master_addr,
+                    given(args.master_port, DEFAULT_PORT))
     problems = topo.problems()
     if args.detach:
         problems.append("--detach starts the processes of this node only: with --nnodes, start each node's "
@@ -447,6 +467,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     """`transferlab experiment`: train the strategies one after another with the same settings
     (or continue an experiment), then print the comparison. UsageError for bad settings."""
     from core import experiment as X
+    from core.errors import SetupError
 
     err = _console(stderr=True)
     given = [flag(n) for n in C.FIELDS if n != "runs_dir" and getattr(args, n, None) is not None]
@@ -455,18 +476,27 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                           "cannot be given with it"])
     if getattr(args, "strategy", None) is not None:
         raise UsageError(["--strategy: an experiment trains --strategies (default: all four)"])
+    if args.continue_ is not None and not args.continue_.strip():
+        raise UsageError(["--continue needs an experiment (its id, or a unique part of one)"])
     try:
-        if args.continue_:
-            exp = X.find(args.runs_dir or C.RunConfig().runs_dir, args.continue_)
-        else:
-            strategies = X.parse_strategies(args.strategies)
-            exp = X.create(config_from_args(args), strategies)
-        todo = exp.plan()
+        strategies = X.parse_strategies(args.strategies)
+        cfg = None if args.continue_ else config_from_args(args)
     except C.ConfigError as exc:
         raise UsageError([_as_flag(p) for p in exc.problems]) from None
-    except X.ExperimentError as exc:
+    if not training_imported(err):
+        return EXIT_ABORTED
+    try:
+        exp = X.find(args.runs_dir or C.RunConfig().runs_dir, args.continue_) if args.continue_ \
+            else X.create(cfg, strategies)
+        exp.hold()
+        todo = exp.plan()
+    except SetupError as exc:  # the experiment's file or folder, the runs folder
         print_setup_error(err, exc)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("interrupted before training started; nothing was trained")
+        return EXIT_ABORTED
+    again = f"transferlab experiment --continue {shlex.quote(exp.id)} --runs-dir {shlex.quote(str(exp.runs_dir))}"
     err.print(f"experiment {exp.id}: {', '.join(exp.strategies)} ({len(todo)} run(s) to go) in {exp.path}",
               markup=False)
     for i, (strategy, resume) in enumerate(todo, 1):
@@ -476,11 +506,29 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         code = cmd_train(exp.config(strategy) if resume is None else None,
                          resume=(resume, None) if resume is not None else None, listeners=[record])
         if code != EXIT_OK:
-            err.print(f"experiment {exp.id} paused at {strategy}; continue it with: transferlab experiment "
-                      f"--continue {exp.id} --runs-dir {exp.runs_dir}", markup=False)
+            err.print(f"experiment {exp.id} paused at {strategy}; continue it with: {again}", markup=False)
             return code
     print_comparison(_console(), exp.records(), f"experiment {exp.id}")
     return EXIT_OK
+
+
+def training_imported(err: Any) -> bool:
+    """Import the training code (oneflow) with Ctrl-C and SIGTERM held back until it is done (a
+    signal in the middle of oneflow's import crashed it or gave a traceback); False, having said
+    so, when one came (nothing was written)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        try:
+            import core.trainer  # noqa: F401
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    except (KeyboardInterrupt, ImportError) as exc:
+        if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+            raise
+        err.print("interrupted before training started; nothing was written")
+        return False
+    return True
 
 
 def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listeners: Sequence[Any] = ()) -> int:
@@ -575,9 +623,28 @@ class ProgressPrinter:
         self.epochs = 0
         self.resumed: Optional[ev.RunResumed] = None
 
+    gone = False
+    """Its output went away (a closed pipe: `| head`, a `tee` ended by Ctrl-C): the run goes on
+    unprinted (rich turns the broken pipe into SystemExit, which would end training unrecorded)."""
+
     def __call__(self, event: ev.Event) -> None:
+        if self.gone:
+            return
+        try:
+            self._show(event)
+        except (BrokenPipeError, SystemExit):
+            self.gone = True
+            try:
+                self.close()
+            except (BrokenPipeError, SystemExit, OSError):
+                self.progress = None
+
+    def _show(self, event: ev.Event) -> None:
         c = self.console
-        if isinstance(event, ev.RunResumed):
+        if isinstance(event, ev.SettingsChanged):
+            self.epochs = event.config["epochs"]
+            c.print(f"after epoch {event.epoch}: {event.summary}", markup=False)
+        elif isinstance(event, ev.RunResumed):
             self.resumed = event
             c.print(f"resuming run {event.run_id} at epoch {event.epoch} step {event.step} "
                     f"(global step {event.global_step}), to {event.epochs} epochs", markup=False)

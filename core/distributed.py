@@ -229,7 +229,10 @@ def launch(cfg: C.RunConfig, topo: Topology, on_signal: Optional[Callable[[str],
     rest get FAIL_GRACE seconds, are then killed, and a run folder still saying "running" is
     marked failed."""
     check_batch(cfg.batch_size, topo.world)
+    from core.launch import tidy_launch_files
+
     runs_dir = check_runs_dir(cfg.runs_dir)
+    tidy_launch_files(runs_dir)
     stem = f".launch-ddp-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     launch_file = runs_dir / f"{stem}.json"
     C.save(cfg, launch_file)

@@ -29,13 +29,17 @@ from core.files import is_regular_file, too_large
 EXPERIMENTS = "experiments"
 """The folder of experiments inside the runs folder."""
 FILE = "experiment.json"
+LOCK = ".lock"
+"""Held (flock) by the process that runs the experiment: two processes never run it at once."""
 MAX_FILE = 1024 * 1024
 ORDER = ("finetune", "discriminative", "frozen", "scratch")
 """The tutorial's four ways, in its order (scratch last: the baseline the others are compared with)."""
 COMPARED = ("dataset", "data_root", "classes", "backbone", "pretrained", "image_size", "epochs", "limit_train",
             "limit_test", "normalize")
-"""Settings that must be equal for two runs' accuracies to be put side by side ("classes" when
-the installed version has that setting)."""
+"""Settings that must be equal for two runs' accuracies to be put side by side (data_root only
+for data read from a folder; pretrained not for scratch, which loads no weights)."""
+BUILT_IN = ("digits", "synthetic")
+"""Datasets that need no data folder (data_root does not matter for them)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -65,7 +69,10 @@ def mismatches(configs: List[Optional[C.RunConfig]]) -> List[str]:
         return ["config"]
     out = []
     for name in COMPARED:
-        if len({repr(getattr(c, name, None)) for c in configs}) > 1:
+        if name == "data_root" and all(c.dataset in BUILT_IN for c in configs):
+            continue  # built into the package: read from no folder
+        compared = [c for c in configs if c.strategy != "scratch"] if name == "pretrained" else configs
+        if len({repr(getattr(c, name, None)) for c in compared}) > 1:
             out.append(name)
     return out
 
@@ -134,6 +141,31 @@ class Experiment:
                 todo.append((strategy, None))
         return todo
 
+    def hold(self) -> None:
+        """Take the experiment for this process (until it ends: the lock goes with the process),
+        and check that its file can be rewritten. ExperimentError when another process runs it or
+        its folder cannot be written (before any run starts, so nothing is trained for nothing)."""
+        import fcntl
+
+        try:
+            self._lock = open(self.path / LOCK, "a+")
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExperimentError(f"experiment {self.id} is being run by another process: wait until it pauses "
+                                  "or ends") from None
+        except OSError as exc:
+            raise ExperimentError(f"cannot write the experiment folder {self.path}: {exc.strerror or exc}") from None
+        try:
+            self.save()
+        except OSError as exc:
+            raise ExperimentError(f"cannot write {self.path / FILE}: {exc.strerror or exc}") from None
+
+    def release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
+
     def records(self) -> List[Any]:
         """The experiment's runs as the run store reads them, in its strategies' order."""
         from core.store import read_run
@@ -196,9 +228,11 @@ def read(path: Path) -> Experiment:
         problems = exc.problems
     if problems or not isinstance(data.get("settings"), dict):
         raise ExperimentError(f"{file}: settings: {problems[0] if problems else 'missing'}")
+    names = data.get("strategies")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ExperimentError(f"{file}: strategies must be a list of names, got {str(names)[:80]}")
     try:
-        strategies = parse_strategies(",".join(data["strategies"]) if isinstance(data.get("strategies"), list)
-                                      and all(isinstance(s, str) for s in data["strategies"]) else "")
+        strategies = parse_strategies(",".join(names))
     except C.ConfigError as exc:
         raise ExperimentError(f"{file}: {exc.problems[0]}") from None
     runs = data.get("runs", {})
@@ -232,15 +266,26 @@ def list_experiments(runs_dir: str | Path) -> List[Tuple[Path, Optional[Experime
 
 
 def find(runs_dir: str | Path, ref: str) -> Experiment:
-    """An experiment by its id, a unique part of one, or its folder's path."""
+    """An experiment of the runs folder `runs_dir` by its id, a unique part of one, or its folder's
+    path (which must be in RUNS/experiments: its runs are in that runs folder)."""
+    root = (Path(runs_dir).expanduser() / EXPERIMENTS)
+    if not str(ref).strip():
+        raise ExperimentError("name the experiment to continue (its id, or a unique part of one)")
     as_path = Path(ref).expanduser()
     if (as_path / FILE).exists():
-        return read(as_path)
+        try:
+            inside = as_path.resolve().parent == root.resolve()
+        except OSError:
+            inside = False
+        if not inside:
+            raise ExperimentError(f"{ref} is not an experiment of the runs folder {runs_dir}: give its id, with "
+                                  "--runs-dir the runs folder it belongs to")
+        return read(root / as_path.resolve().name)
     found = [(p, e, why) for p, e, why in list_experiments(runs_dir) if ref in p.name]
     exact = [f for f in found if f[0].name == ref]
     found = exact or found
     if not found:
-        raise ExperimentError(f"no experiment {ref!r} in {Path(runs_dir) / EXPERIMENTS}")
+        raise ExperimentError(f"no experiment {ref!r} in {root}")
     if len(found) > 1:
         raise ExperimentError(f"{ref!r} matches {len(found)} experiments: " + ", ".join(p.name for p, _, _ in found[:5]))
     path, exp, why = found[0]

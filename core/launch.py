@@ -49,7 +49,13 @@ class Detached:
         except OSError:
             lines = []
         self.log.unlink(missing_ok=True)
-        return [line for line in lines if line.startswith("error:")] or lines[-1:] or ["(no output)"]
+        errors = [line for line in lines if line.startswith("error:")]
+        if errors or lines[-1:] == ["interrupted before training started; nothing was written"]:
+            return errors or lines[-1:]
+        code = self.exit_code or 0
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return [f"error: the background process ended before its run started ({how})"
+                + (f"; its last output: {lines[-1][:200]}" if lines else "")]
 
 
 def train_args(cfg: Optional[C.RunConfig] = None, launch: Optional[Path] = None, resume: Optional[Path] = None,
@@ -74,12 +80,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tidy_launch_files(runs_dir: Path, older_than: float = START_TIMEOUT + 60.0) -> None:
+    """Remove the launch files (.launch-*.json / .run) that nobody waits for any more: those of a
+    parent that was killed, or that gave up. A file younger than `older_than` seconds may still
+    be waited for (the parent's pid is in the name: a live parent's files are kept whatever
+    their age). Logs are kept: the child may still write to one."""
+    from core.live import pid_alive
+
+    now = time.time()
+    try:
+        entries = [p for p in Path(runs_dir).iterdir() if p.name.startswith(".launch-") and p.suffix in (".json", ".run")]
+    except OSError:
+        return
+    for path in entries:
+        parts = path.stem.split("-")  # .launch-DATE-TIME-PID-N (detach) or .launch-ddp-DATE-TIME-PID (launcher)
+        try:
+            parent = int(parts[-1] if path.stem.startswith(".launch-ddp-") else parts[-2])
+        except (ValueError, IndexError):
+            parent = -1
+        try:
+            if not pid_alive(parent) and now - path.stat().st_mtime > older_than:
+                path.unlink()
+        except OSError:
+            pass
+
+
 class Child:
     """A `transferlab train` process started in the background, until its run has started."""
 
     def __init__(self, cfg: Optional[C.RunConfig] = None, resume: Optional[Path] = None,
                  epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None):
         runs_dir = check_runs_dir(cfg.runs_dir if cfg is not None else Path(resume).parent)
+        tidy_launch_files(runs_dir)
         self.launch = runs_dir / f".launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
         if cfg is not None:
             C.save(cfg, self.launch)
@@ -124,13 +156,6 @@ class Child:
             os.killpg(self.process.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def start_detached(cfg: Optional[C.RunConfig] = None, timeout: float = START_TIMEOUT, resume: Optional[Path] = None,
-                   epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None) -> Detached:
-    """Start `cfg` (or the resumption of the run folder `resume`) as a background process and
-    wait until its run has started (or failed to)."""
-    return Child(cfg, resume, epochs, processes, port).wait(timeout)
 
 
 class NameRun:

@@ -134,6 +134,16 @@ def _where(beat: Heartbeat) -> str:
     return "here" if beat.boot_id is None or mine is None or beat.boot_id == mine else "rebooted"
 
 
+def suspended(pid: int) -> bool:
+    """Process `pid` is stopped (Ctrl-Z, SIGSTOP: state T in /proc/PID/stat): it beats no more but
+    will go on when continued, so its run is not to be resumed by anyone else."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[0] in ("T", "t")
+    except (OSError, ValueError, IndexError, OverflowError):
+        return False
+
+
 def _process_gone(beat: Heartbeat) -> bool:
     """This machine, and the process that wrote `beat` no longer exists (or its pid now belongs to
     another process: another start time)."""
@@ -160,7 +170,7 @@ def judge(run_dir: str | Path, pid: Any, now: Optional[float] = None) -> tuple:
     if where == "elsewhere":
         return age < STALE_SECONDS, age >= GONE_SECONDS
     gone = where == "rebooted" or _process_gone(beat)
-    return age < STALE_SECONDS and not gone, gone
+    return (age < STALE_SECONDS or suspended(beat.pid)) and not gone, gone
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,6 +260,7 @@ class Background(Remote):
         self.cfg, self.resume, self.epochs, self.processes = cfg, resume, epochs, processes
         self.child: Any = None
         self._ending = threading.Event()
+        self._asked_to_end = False
 
     @property
     def pid(self) -> Optional[int]:
@@ -274,10 +275,14 @@ class Background(Remote):
             if self._ending.is_set():
                 self.child.terminate()
                 self._ending.clear()
+                self._asked_to_end = True
             if self._closed.is_set() or time.monotonic() > deadline:
                 return False  # let go: the child goes on by itself
             self._closed.wait(0.1)
         state = self.child.state
+        if state.exit_code is not None and self._asked_to_end:
+            state.reason()  # (removes its log)
+            raise SetupError("stopped before it started: nothing was written")
         if state.exit_code is not None:
             raise SetupError(problems=[line.removeprefix("error: ") for line in state.reason()])
         self.run_dir = state.run_dir

@@ -110,8 +110,8 @@ def test_a_background_run_stopped_before_it_started_ends_its_process(tmp_path):
     run.stop()
     thread.join(120)
     assert not thread.is_alive() and run.done.is_set()
-    assert run.child.process.wait(30) == 130
-    assert errors and "interrupted before training started" in errors[0]
+    assert run.child.process.wait(30) in (130, -15)  # its handler, or SIGTERM's default before Python set one
+    assert errors == ["stopped before it started: nothing was written"]
     assert runs_in(tmp_path / "runs") == [] and not list((tmp_path / "runs").glob(".launch-*"))
 
 

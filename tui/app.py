@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -161,6 +162,8 @@ class TransferLabApp(InstantSwitchApp):
         self.initial_cfg = cfg or RunConfig()
         self.runs_dir = runs_dir or self.initial_cfg.runs_dir
         self.live: Optional[LiveRun] = None
+        self.experiment: Any = None
+        """The experiment this app runs (core.experiment), while it does."""
         self.quit_after_run = False
         self.add_mode("form", lambda: FormScreen(self.initial_cfg, list(notes)))
         self.add_mode("dashboard", lambda: DashboardScreen())
@@ -204,6 +207,11 @@ class TransferLabApp(InstantSwitchApp):
     def on_unmount(self) -> None:
         gc.unfreeze()
         gc.enable()
+
+    def action_help_quit(self) -> None:
+        """Ctrl-C does not quit a Textual app: say what does (Textual's own toast is markup, which
+        this app's notify shows as typed)."""
+        self.notify("Press ctrl+q to quit the app", title="Do you want to quit?")
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout=None,
                markup: bool = False) -> None:
@@ -279,17 +287,24 @@ class TransferLabApp(InstantSwitchApp):
         if self.running:
             self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
             return False
+        from core.errors import SetupError
+
         try:
             exp = exp or X.create(cfg, list(strategies))
+            exp.hold()
             todo = exp.plan()
-        except X.ExperimentError as exc:
+        except SetupError as exc:  # the experiment's file or folder, the runs folder
+            if exp is not None:
+                exp.release()
             self.notify(str(exc), title="Cannot start the experiment", severity="error", timeout=8)
             return False
         if not todo:
+            exp.release()
             self.notify(f"Experiment {exp.id} is complete.")
             self._show_experiment(exp)
             return False
         self.runs_dir = str(exp.runs_dir)
+        self.experiment = exp
         await self.switch_mode("dashboard")
         self._experiment(exp, todo)
         return True
@@ -335,6 +350,8 @@ class TransferLabApp(InstantSwitchApp):
     @on(ExperimentEnded)
     def _on_experiment_ended(self, message: ExperimentEnded) -> None:
         exp = message.exp
+        exp.release()
+        self.experiment = None
         if message.finished:
             self.notify(f"Experiment {exp.id} complete: the comparison of its runs.", timeout=8)
             self._show_experiment(exp)
@@ -535,8 +552,8 @@ async def _run_app(app: TransferLabApp) -> int:
         folder = live.run.run_dir or app.runs_dir
         print(f"TransferLab: the run goes on in this process (pid {os.getpid()}) until it ends; closing "
               f"this terminal does not stop it. It is recorded in {folder}; `transferlab runs --runs-dir "
-              f"{app.runs_dir}` shows it. Ctrl-C here stops it (saving a checkpoint), twice aborts it.",
-              file=sys.stderr, flush=True)
+              f"{shlex.quote(str(app.runs_dir))}` shows it. Ctrl-C here stops it (saving a checkpoint), twice "
+              "aborts it." + experiment_note(app), file=sys.stderr, flush=True)
     if live.run.run_dir:
         redirect_output(os.path.join(live.run.run_dir, "output.log"))
     else:
@@ -555,14 +572,23 @@ async def _run_app(app: TransferLabApp) -> int:
     return EXIT_CODES.get(live.result.status, 1) if live.result else 1
 
 
+def experiment_note(app: "TransferLabApp") -> str:
+    """When the interface ends in the middle of an experiment: only the current run goes on."""
+    exp = app.experiment
+    if exp is None:
+        return ""
+    return (f" Experiment {exp.id} pauses after this run: continue it with transferlab experiment --continue "
+            f"{shlex.quote(exp.id)} --runs-dir {shlex.quote(str(exp.runs_dir))}")
+
+
 def background_note(run: Any, runs_dir: str) -> str:
     """What the terminal says when the interface ends while its run trains in its own process."""
     if run.run_dir is None:
         return (f"TransferLab: the run is still starting in the background (pid {run.pid}); "
                 f"`transferlab runs --runs-dir {runs_dir}` shows it once it has started.")
-    name, where = run.run_dir.name, run.run_dir.parent
-    return (f"TransferLab: run {name} goes on in the background (pid {run.pid}). Watch it: transferlab attach "
-            f"{name} --runs-dir {where}; stop it: transferlab stop {name} --runs-dir {where}.")
+    name, where = shlex.quote(run.run_dir.name), shlex.quote(str(run.run_dir.parent))
+    return (f"TransferLab: run {run.run_dir.name} goes on in the background (pid {run.pid}). Watch it: "
+            f"transferlab attach {name} --runs-dir {where}; stop it: transferlab stop {name} --runs-dir {where}.")
 
 
 def exit_when_the_run_ends(app: "TransferLabApp", grace: float = 5.0) -> None:

@@ -88,7 +88,7 @@ class FormScreen(Screen):
         Binding("ctrl+r", "start", "Start", priority=True),
         Binding("ctrl+s", "save_preset", "Save preset"),
         Binding("ctrl+o", "load_preset", "Load preset"),
-        Binding("ctrl+e", "experiment", "Experiment"),
+        Binding("ctrl+e", "experiment", "Experiment", priority=True),
     ]
 
     def __init__(self, cfg: RunConfig, notes: List[str]) -> None:
@@ -282,6 +282,11 @@ class FormScreen(Screen):
         if self.problems:
             self.notify("Fix the settings marked in red first:\n" + "\n".join(self.problems),
                         title="Cannot start", severity="error")
+            return
+        if self.background or self.processes > 1:
+            self.notify("An experiment trains its runs in the app, one after another, in one process: set "
+                        "\"in background\" to no and processes to 1 (or use transferlab experiment in a "
+                        "terminal that stays).", title="Experiment", severity="warning", timeout=8)
             return
 
         async def chosen(text: Optional[str]) -> None:

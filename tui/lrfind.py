@@ -71,7 +71,7 @@ class LRFindScreen(ModalScreen[Optional[float]]):
         with Vertical(classes="dialog wide", id="lrfind"):
             what = "the head's learning rate (the backbone's keeps its ratio)" \
                 if self.cfg.strategy == "discriminative" else "the learning rate"
-            yield Label(f"[b]LR finder[/b]: sweeping {what} on a copy of the model; nothing is saved")
+            yield Static(f"[b]LR finder[/b]: sweeps {what} on a copy of the model; nothing is saved")
             yield Static("loading data and model...", id="lrfind-status")
             yield SweepPlot(id="lrfind-plot")
             yield Label("enter / u: use the suggestion   escape: cancel / close", classes="hint")

@@ -136,7 +136,8 @@ NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
 def attach_negative_values(argv: List[str]) -> List[str]:
     """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: argparse takes "-1e-3" for an option and would say
     "expected one argument"; joined, the value reaches validation, which explains what is wrong."""
-    value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir", "--wait"} | set(SWEEP_FLAGS)
+    value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir", "--wait"}
+    value_flags |= set(SWEEP_FLAGS)
     out: List[str] = []
     i = 0
     while i < len(argv):

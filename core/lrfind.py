@@ -29,11 +29,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from core.config import RunConfig
+
+if TYPE_CHECKING:  # numpy is imported where it is used: core.cli reads this module's defaults when
+    import numpy as np  # it builds its parser, for every command (`runs` and `stop` need no numpy)
 
 DEFAULT_STEPS = 100
 DEFAULT_START_LR = 1e-7
@@ -103,8 +104,10 @@ def check_sweep(steps: int, start_lr: float, end_lr: float) -> List[str]:
     return problems
 
 
-def sweep_lrs(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
+def sweep_lrs(start_lr: float, end_lr: float, steps: int) -> "np.ndarray":
     """`steps` learning rates from start_lr to end_lr, each the last times the same factor."""
+    import numpy as np
+
     return np.geomspace(start_lr, end_lr, steps)
 
 
@@ -116,6 +119,8 @@ def format_lr(lr: float) -> str:
 def suggest(lrs: List[float], smoothed: List[float]) -> Tuple[Optional[float], str]:
     """(learning rate of the steepest fall of the smoothed loss per decade of learning rate,
     within SPAN_DECADES below the curve's minimum; or None) and, when None, why."""
+    import numpy as np
+
     if len(lrs) < 3:
         return None, "too few steps to read a slope (at least 3 are needed)"
     x, y = np.log10(np.asarray(lrs)), np.asarray(smoothed)
@@ -156,6 +161,8 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     from core.strategies import build_param_groups, set_train_mode
     from core.trainer import prepare
     from oneflow import nn
+
+    import numpy as np
 
     if prepared is None:
         p = prepare(cfg, runs_folder=False)

@@ -1,4 +1,4 @@
-"""The headless command line: `transferlab train | runs | compare | stop | tui`.
+"""The headless command line: `transferlab train | experiment | lr-find | runs | compare | stop | attach | tui`.
 
 Flags are built from the RunConfig fields (core.config), like the TUI's form. Invalid flags or
 values print one line per problem and exit with code 2; no traceback reaches the user.
@@ -35,6 +35,8 @@ STOP_WAIT_SECONDS = 60.0
 TuiLauncher = Callable[..., int]
 """Opens the TUI with a pre-filled config and the names of the fields the user gave explicitly
 (and `attach=RUN_DIR` to open on that run's dashboard)."""
+SweepPlotter = Callable[..., str]
+"""The LR finder's curve as text: (core.lrfind.SweepResult, color=bool) -> str (tui.lrplot)."""
 
 
 class UsageError(Exception):
@@ -135,6 +137,7 @@ def attach_negative_values(argv: List[str]) -> List[str]:
     """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: argparse takes "-1e-3" for an option and would say
     "expected one argument"; joined, the value reaches validation, which explains what is wrong."""
     value_flags = {flag(n) for n in C.FIELDS if C.field_type(n) is not bool} | {"--config", "--runs-dir", "--wait"}
+    value_flags |= set(SWEEP_FLAGS)
     out: List[str] = []
     i = 0
     while i < len(argv):
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--continue", dest="continue_", metavar="EXP",
                             help="continue an interrupted experiment (an id, a unique part of one, or its folder): "
                                  "completed runs are kept, a stopped one resumes, the others start")
+    add_lrfind_parser(sub)
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
     runs = sub.add_parser("runs", help="list the runs in the runs folder")
@@ -206,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher] = None,
+         plot_sweep: Optional[SweepPlotter] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     err = _console(stderr=True)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -241,6 +246,7 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             if args.detach:
                 return cmd_detach(None, resume=(run_dir, epochs))
             return cmd_train(None, resume=(run_dir, epochs))
+        sweep = sweep_from_args(args) if args.command == "lr-find" else None
         cfg = config_from_args(args)
     except UsageError as exc:
         for problem in exc.problems:
@@ -253,6 +259,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return EXIT_FAILED
         explicit = set(C.FIELDS) if args.config else {n for n in C.FIELDS if getattr(args, n) is not None}
         return launch_tui(cfg, explicit)
+    if args.command == "lr-find":
+        return cmd_lr_find(cfg, sweep, plot_sweep)
     if args.detach and (args.nnodes or 1) == 1:  # with --nproc-per-node: the launcher in the background
         processes = 1 if args.nproc_per_node is None else args.nproc_per_node
         return cmd_detach(cfg, processes=processes, port=args.master_port)  # port None: a free one
@@ -685,6 +693,96 @@ class ProgressPrinter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+# ---------------------------------------------------------------------------------------------
+# lr-find
+
+
+SWEEP_FLAGS = {"--steps": "steps", "--start-lr": "start_lr", "--end-lr": "end_lr"}
+
+
+def add_lrfind_parser(sub: Any) -> None:
+    from core import lrfind
+
+    parser = sub.add_parser("lr-find", help="sweep the learning rate on a copy of the model and suggest one",
+                            description="An exponential learning-rate sweep (one batch per rate, at most one "
+                            "pass over the training data) with the settings of a run, on a model of its own: "
+                            "nothing is written. Prints the loss curve and, last, `suggested lr: VALUE` (the "
+                            "rate of the steepest fall of the smoothed loss). For discriminative the rate swept "
+                            "is the head's (--lr); the backbone's keeps its ratio.")
+    add_config_flags(parser)
+    parser.add_argument("--steps", metavar="N", help=f"most steps (default: {lrfind.DEFAULT_STEPS}; fewer when "
+                        "one pass over the training data has fewer batches)")
+    parser.add_argument("--start-lr", metavar="A", help=f"first learning rate (default: {lrfind.DEFAULT_START_LR:g})")
+    parser.add_argument("--end-lr", metavar="B", help=f"last learning rate (default: {lrfind.DEFAULT_END_LR:g})")
+
+
+def sweep_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """lr-find's --steps/--start-lr/--end-lr as lr_find's keyword arguments; UsageError otherwise."""
+    from core import lrfind
+
+    values: Dict[str, Any] = {"steps": lrfind.DEFAULT_STEPS, "start_lr": lrfind.DEFAULT_START_LR,
+                              "end_lr": lrfind.DEFAULT_END_LR}
+    problems = []
+    for option, name in SWEEP_FLAGS.items():
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            values[name] = int(text) if name == "steps" else float(text)
+        except ValueError:
+            problems.append(f"{option} must be a {'whole ' if name == 'steps' else ''}number, got {C.shown(text)}")
+    problems = problems or lrfind.check_sweep(**values)
+    if problems:
+        raise UsageError(problems)
+    return values
+
+
+def cmd_lr_find(cfg: C.RunConfig, sweep: Dict[str, Any], plot_sweep: Optional[SweepPlotter]) -> int:
+    """lr-find: the sweep with a progress line (stderr), its curve, then `suggested lr: VALUE`.
+    Exit 0 with a suggestion, 1 without one or when the settings cannot be set up, 130 on Ctrl-C."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from core import lrfind
+    from core.errors import SetupError, one_line
+
+    console, err = _console(), _console(stderr=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True)
+    task = progress.add_task("loading data and model", total=None, info="")
+
+    def on_step(s: Any) -> None:
+        progress.update(task, description="lr sweep", total=s.total, completed=s.point.step,
+                        info=f"lr {lrfind.format_lr(s.point.lr)}  loss {s.point.loss:.4f}")
+
+    try:
+        import core.backend  # noqa: F401  oneflow, imported before any other thread starts (Ctrl-C held)
+
+        with progress:
+            result = lrfind.lr_find(cfg, on_step=on_step, **sweep)
+    except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
+        if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+            raise
+        err.print("interrupted: no learning rate suggested; nothing was written", markup=False)
+        return EXIT_ABORTED
+    except SetupError as exc:
+        print_setup_error(err, exc)
+        return EXIT_FAILED
+    except Exception as exc:  # OneFlow's own errors: one line, not its page
+        err.print(f"error: {printable(one_line(exc))}", markup=False)
+        return EXIT_FAILED
+    if plot_sweep is not None and result.points:
+        print(plot_sweep(result, color=sys.stdout.isatty()), flush=True)
+    console.print(f"{result.why} ({result.seconds:.1f} s)", markup=False)
+    if result.suggestion is None:
+        return EXIT_FAILED
+    if result.backbone_ratio is not None:
+        console.print(f"(the head's rate; the backbone's keeps its ratio {result.backbone_ratio:g}: --lr-backbone "
+                      f"{result.suggestion * result.backbone_ratio:.3g})", markup=False)
+    console.print(f"suggested lr: {lrfind.format_lr(result.suggestion)}", markup=False)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------

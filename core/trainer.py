@@ -160,14 +160,16 @@ class Prepared:
     """Set when the run continues a stopped one (prepare_resume): where, and from what state."""
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def prepare(cfg: RunConfig, runs_folder: bool = True) -> Prepared:
     """Validate, pick the device, load data and model, apply the strategy.
 
     Raises a SetupError (ConfigError, DeviceError, DataError, WeightsError...) with a message a
-    person can act on.
+    person can act on. runs_folder=False: the runs folder is not checked (not even with a probe
+    file), for work that writes nothing there (core.lrfind).
     """
     check(cfg)
-    check_runs_dir(cfg.runs_dir)
+    if runs_folder:
+        check_runs_dir(cfg.runs_dir)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed,

@@ -11,11 +11,18 @@ def launch(cfg, explicit: Set[str], attach=None) -> int:
     return run_app(cfg, explicit, attach=attach)
 
 
+def plot_sweep(result, color: bool = True) -> str:
+    """The LR finder's curve for `transferlab lr-find` (plotext stays out of core)."""
+    from tui.lrplot import sweep_text
+
+    return sweep_text(result, color=color)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from core.cli import main as cli_main
 
-        return cli_main(argv, launch_tui=launch)
+        return cli_main(argv, launch_tui=launch, plot_sweep=plot_sweep)
     except KeyboardInterrupt:  # Ctrl-C before a command set up its own handling
         print("interrupted", file=sys.stderr)
         return 130

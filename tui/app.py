@@ -476,6 +476,9 @@ class TransferLabApp(InstantSwitchApp):
         if not self.running and form is not None and form.valid_config() is not None:
             yield SystemCommand("Run experiment", "The form's settings with several strategies, then the comparison",
                                 form.action_experiment)
+        if form is not None and form.valid_config() is not None:
+            yield SystemCommand("LR finder", "Sweep the learning rate on a copy of the model; suggest one",
+                                self._lr_find)
         if self.running:
             yield SystemCommand("Stop run", "Finish this step, save a checkpoint, stop", self.stop_run)
             yield SystemCommand("Abort run", "End the run at once (asks first)", self.abort_run)
@@ -511,6 +514,10 @@ class TransferLabApp(InstantSwitchApp):
         runs = self.mode_screen("runs")
         run = runs.current() if runs is not None else None
         return run if run is not None and run.summary["status"] in RESUMABLE else None
+
+    async def _lr_find(self) -> None:
+        await self.switch_mode("form")
+        self.mode_screen("form").action_lr_find()
 
     async def _compare(self) -> None:
         await self.switch_mode("runs")

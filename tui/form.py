@@ -89,6 +89,7 @@ class FormScreen(Screen):
         Binding("ctrl+s", "save_preset", "Save preset"),
         Binding("ctrl+o", "load_preset", "Load preset"),
         Binding("ctrl+e", "experiment", "Experiment", priority=True),
+        Binding("ctrl+l", "lr_find", "LR finder"),
     ]
 
     def __init__(self, cfg: RunConfig, notes: List[str]) -> None:
@@ -313,6 +314,16 @@ class FormScreen(Screen):
         if note:
             self.notes = [note]
         self.revalidate()
+
+    def action_lr_find(self) -> None:
+        from tui.lrfind import open_lr_finder
+
+        open_lr_finder(self)
+
+    def set_learning_rates(self, cfg: RunConfig) -> None:
+        """Put cfg's lr and lr_backbone in their fields (the LR finder's suggestion)."""
+        self.query_one("#f-lr", Input).value = f"{cfg.lr:g}"
+        self.query_one("#f-lr_backbone", Input).value = f"{cfg.lr_backbone:g}"
 
     def action_save_preset(self) -> None:
         if self.problems:

@@ -5,6 +5,9 @@
    (a local state-dict source, since ImageNet weights cannot be downloaded here).
 3. dashboard-live.svg: the dashboard mid-run (finetune, in the app's worker).
 4. runs-overlay.svg and runs-compare.svg: all four strategies overlaid and compared.
+
+`python scripts/screenshots.py --demo-runs RUNS` (after `make demo`, RUNS its runs folder) writes
+demo-compare.svg instead: the demo's real comparison.
 """
 from __future__ import annotations
 
@@ -73,8 +76,36 @@ async def shoot_runs(cfg: RunConfig) -> None:
         app.save_screenshot("runs-compare.svg", str(OUT))
 
 
+async def shoot_demo(runs_dir: Path) -> None:
+    """demo-compare.svg: the runs of `make demo` (the four transfer runs, newest of each strategy
+    after the pretraining) overlaid and compared, from its runs folder."""
+    from core.report import newest_per_strategy
+    from core.store import list_runs
+    from tui.runs import CompareScreen
+
+    runs = newest_per_strategy([r for r in list_runs(runs_dir) if not r.unreadable and r.config.classes])
+    from core.experiment import ORDER
+
+    transfer = sorted((r for r in runs if r.config.pretrained not in ("none", "imagenet")),
+                      key=lambda r: ORDER.index(r.config.strategy))
+    app = TransferLabApp(RunConfig(runs_dir=str(runs_dir)))
+    async with app.run_test(size=(130, 36)) as pilot:
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause(0.5)
+        app.mode_screen("runs").select_only({r.run_id for r in transfer})
+        await pilot.pause(0.8)
+        app.push_screen(CompareScreen(transfer, title="make demo: digits 0-4 -> 5-9, 100 images"))
+        await pilot.pause(0.5)
+        app.save_screenshot("demo-compare.svg", str(OUT))
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
+    if sys.argv[1:2] == ["--demo-runs"]:  # after `make demo`: its comparison only
+        asyncio.run(shoot_demo(Path(sys.argv[2]).resolve()))
+        print("wrote demo-compare.svg")
+        return
     work = Path(tempfile.mkdtemp(prefix="transferlab-shots-"))
     os.chdir(work)  # relative data and runs folders, as a user starting in an empty folder sees them
     try:

@@ -588,6 +588,12 @@ async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
         assert not isinstance(app.screen, ChoiceScreen) and app.running
         app.live.run.abort()
         await app.workers.wait_for_complete()
+        for mode, keys in (("form", ("^r Start", "^e Experiment", "^l LR", "f3")),
+                           ("runs", ("space Select", "x Experiment", "R Resume", "f1", "f2", "f3"))):
+            await app.switch_mode(mode)
+            await pilot.pause()
+            bar = str(app.screen.query_one(KeyBar).render())
+            assert len(bar) <= 78 and all(k in bar for k in keys), bar
 
 
 async def test_text_in_square_brackets_is_shown_as_typed_never_read_as_markup(tmp_path, monkeypatch):

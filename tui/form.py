@@ -86,8 +86,8 @@ class FormScreen(Screen):
     AUTO_FOCUS = "#f-strategy"
     BINDINGS = [
         Binding("ctrl+r", "start", "Start", priority=True),
-        Binding("ctrl+s", "save_preset", "Save preset"),
-        Binding("ctrl+o", "load_preset", "Load preset"),
+        Binding("ctrl+s", "save_preset", "Save preset", show=False),  # (in the palette; README)
+        Binding("ctrl+o", "load_preset", "Load preset", show=False),
         Binding("ctrl+e", "experiment", "Experiment", priority=True),
         Binding("ctrl+l", "lr_find", "LR finder"),
     ]

@@ -10,6 +10,10 @@ from rich.text import Text
 from textual.widgets import Static
 
 
+MODE_KEYS = ("f1", "f2", "f3")
+"""Shown without their descriptions when even the short form does not fit (80 columns, many keys)."""
+
+
 class KeyBar(Static):
     DEFAULT_CSS = """
     KeyBar { dock: bottom; height: 1; background: $footer-background; color: $footer-foreground;
@@ -28,7 +32,8 @@ class KeyBar(Static):
 
     def show_bindings(self) -> None:
         """Every shown binding as "key description"; when that does not fit the width, the
-        short form ("key first-word", single spaces) so that no key is cut off at 80 columns."""
+        short form ("key first-word", single spaces), and then f1 f2 f3 without their words, so
+        that no key is cut off at 80 columns."""
         entries, seen = [], set()
         palette = self.app.COMMAND_PALETTE_BINDING
         for key, (_node, binding, enabled, _tooltip) in self.screen.active_bindings.items():
@@ -39,12 +44,15 @@ class KeyBar(Static):
         width = self.size.width - 2 if self.size.width else 1_000
         full = sum(len(k) + len(d) + 3 for k, d, _ in entries) + len("^p palette")
         short = full > width
+        if short:
+            entries = [(k, d.split(" ")[0], e) for k, d, e in entries]
+        if sum(len(k) + len(d) + 2 for k, d, _ in entries) > width:  # still too wide: the screens' keys
+            entries = [(k, "" if k in MODE_KEYS else d, e) for k, d, e in entries]  # (f1 f2 f3 are known)
         text = Text(no_wrap=True, overflow="ellipsis")
         for key, description, enabled in entries:
-            if short:
-                description = description.split(" ")[0]
             text.append(key, style="bold" if enabled else "dim")
-            text.append(f" {description}{' ' if short else '  '}", style="" if enabled else "dim")
+            text.append((f" {description}" if description else "") + (" " if short else "  "),
+                        style="" if enabled else "dim")
         if not short or text.cell_len + len("^p palette") <= width:
             text.append("^p palette", style="dim")
         self.update(text)

@@ -66,7 +66,7 @@ class RunsScreen(Screen):
         Binding("e", "edit", "Edit & rerun"),
         Binding("R", "resume", "Resume"),
         Binding("x", "experiment", "Experiment"),
-        Binding("g", "reload", "Reload"),
+        Binding("g", "reload", "Reload", show=False),  # (it reloads by itself while shown)
     ]
 
     def __init__(self) -> None:

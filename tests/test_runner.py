@@ -156,13 +156,14 @@ async def test_the_app_starts_a_background_run_follows_stops_and_leaves_one(tmp_
         assert app.live.status == ev.STOPPED and summary(run_dir)["status"] == "stopped"
         assert not dash.check_action("stop", ())
 
-    app = TransferLabApp(cfg)
+    shorter = cfg.replace(limit_train=256, epochs=1)  # long enough to be running at ctrl+q
+    app = TransferLabApp(shorter)
     ended = []
 
     async def second_run():
         async with app.run_test(size=(100, 32)) as pilot:
             await pilot.pause()
-            await app.start_run(cfg, background=True)
+            await app.start_run(shorter, background=True)
             while app.live.status != "running":
                 await pilot.pause(0.2)
             await pilot.press("ctrl+q")

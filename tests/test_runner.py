@@ -15,6 +15,7 @@ from conftest import cli_env, transferlab_cmd
 from core import events as ev
 from core.config import RunConfig
 from core.errors import SetupError
+from core.live import pid_alive
 
 TINY = dict(dataset="digits", pretrained="none", image_size=16, limit_train=48, limit_test=32, batch_size=16,
             device="cpu", epochs=1)
@@ -31,14 +32,6 @@ def wait_for(condition, what: str, timeout: float = 300.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.2)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def runs_in(runs_dir: Path):
@@ -66,7 +59,7 @@ def test_detach_on_two_processes_then_resume_in_the_background(tmp_path):
     match = re.search(r"run (\S+) started in the background on 2 processes \(pid (\d+)\)", proc.stdout)
     assert match, proc.stdout
     run_dir, pid = tmp_path / "runs" / match.group(1), int(match.group(2))
-    wait_for(lambda: summary(run_dir)["status"] != "running" and not alive(pid), "end of the 2-process run")
+    wait_for(lambda: summary(run_dir)["status"] != "running" and not pid_alive(pid), "end of the 2-process run")
     assert summary(run_dir)["status"] == "completed", (run_dir / "output.log").read_text()
     started = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                if r["event"] == "RunStarted"]

@@ -261,21 +261,26 @@ class TransferLabApp(InstantSwitchApp):
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _train(self, live: LiveRun) -> None:
         """The worker's work: the run, to its end (one in another process: followed until it ends
-        or the app lets go of it). Setup errors are posted; an error of a started run ends the
-        worker in ERROR (on_worker_state_changed reports it; the run's folder says "failed")."""
+        or the app lets go of it)."""
+        self._run_or_report(live.run)
+
+    def _run_or_report(self, run: Any) -> Optional[ev.RunFinished]:
+        """Run `run` in this worker thread; how it ended, or None when it could not start (said in
+        a message). An error of a started run ends the worker in ERROR (on_worker_state_changed
+        reports it; the run's folder says "failed")."""
         from core.errors import SetupError, one_line
 
-        if live.run.here:
+        if run.here:
             lower_training_priority()
         try:
-            live.run.run()
+            return run.run()
         except SetupError as exc:
             self.post_message(self.RunCouldNotStart(str(exc)))
         except Exception as exc:
-            if not live.run.set_up:  # anything else while setting up: report, never crash the app
-                self.post_message(self.RunCouldNotStart(one_line(exc)))
-            else:
+            if run.set_up:
                 raise
+            self.post_message(self.RunCouldNotStart(one_line(exc)))  # while setting up: never crash the app
+        return None
 
     async def start_experiment(self, cfg: Optional[RunConfig] = None, strategies: Iterable[str] = (),
                                exp: Any = None) -> bool:
@@ -314,7 +319,6 @@ class TransferLabApp(InstantSwitchApp):
         """The experiment's runs, one after another, each as a run of the app (the dashboard
         shows which of how many); it pauses when one does not complete."""
         from core import experiment as X
-        from core.errors import SetupError, one_line
         from core.runner import Local
 
         for i, (strategy, resume) in enumerate(todo, 1):
@@ -324,18 +328,7 @@ class TransferLabApp(InstantSwitchApp):
             live = LiveRun(cfg, run)
             self.call_from_thread(self._begin, live, f"(experiment {exp.id}: run {i} of {len(todo)}"
                                   + (", resumed" if resume else "") + ")", (i, len(todo)))
-            lower_training_priority()
-            try:
-                result = run.run()
-            except SetupError as exc:
-                self.post_message(self.RunCouldNotStart(str(exc)))
-                result = None
-            except Exception as exc:
-                if not run.set_up:
-                    self.post_message(self.RunCouldNotStart(one_line(exc)))
-                    result = None
-                else:
-                    raise
+            result = self._run_or_report(run)
             if result is None or result.status != ev.COMPLETED:
                 self.post_message(self.ExperimentEnded(exp, False))
                 return

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--continue", dest="continue_", metavar="EXP",
                             help="continue an interrupted experiment (an id, a unique part of one, or its folder): "
                                  "completed runs are kept, a stopped one resumes, the others start")
+    experiment.add_argument("--detach", action="store_true",
+                            help="run the experiment as its own background process (it outlives this terminal; "
+                                 "output in RUNS/experiments/ID/output.log), print its id and return")
+    add_launch_flags(experiment, nodes=False)
     add_lrfind_parser(sub)
     tui = sub.add_parser("tui", help="open the terminal UI (flags pre-fill its form)")
     add_config_flags(tui)
@@ -195,14 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
     attach = sub.add_parser("attach", help="open the app on a run's dashboard, following it as it trains")
     attach.add_argument("run", metavar="RUN", nargs="?",
-                        help="run id, a unique part of one, or the run's folder (default: the newest running run)")
+                        help="run id, a unique part of one, or the run's folder; or an experiment (its id), whose "
+                             "runs it then follows one after another (default: the newest running run)")
     attach.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
     stop = sub.add_parser("stop", help="stop a running run (from any terminal or host sharing its folder)",
                           description="Ask a running run to stop after its current step, saving a "
                           "checkpoint (status stopped), or with --abort to end at once (status aborted); "
                           "then wait until it has. Exit 0 when it ended as asked, 1 when it did not "
                           "(the request stays), 2 for a run that is unknown or not running.")
-    stop.add_argument("run", metavar="RUN", help="run id, a unique part of one, or the run's folder")
+    stop.add_argument("run", metavar="RUN", help="run id, a unique part of one, or the run's folder; or an experiment "
+                      "(its id): its current run stops and the experiment pauses")
     stop.add_argument("--abort", action="store_true", help="end at once, without a checkpoint")
     stop.add_argument("--wait", type=_seconds, default=STOP_WAIT_SECONDS, metavar="SECONDS",
                       help=f"how long to wait for the run to end (default: {STOP_WAIT_SECONDS:g})")
@@ -319,7 +325,7 @@ def attach_target(runs_dir: str, ref: Optional[str]):
 
     if ref is not None:
         try:
-            return find_run(runs_dir, ref)
+            return run_or_experiment(runs_dir, ref)
         except LookupError as exc:
             raise UsageError([str(exc)]) from None
     try:
@@ -330,6 +336,28 @@ def attach_target(runs_dir: str, ref: Optional[str]):
         raise UsageError([f"no run is running in {runs_dir}: name one (transferlab attach RUN), "
                           f"or see transferlab runs --runs-dir {runs_dir}"])
     return running[-1].path
+
+
+def run_or_experiment(runs_dir: str, ref: str) -> Path:
+    """The run folder `ref` names, or, when it names an experiment instead, the experiment's run
+    that is training now (else its newest); LookupError (one line) when it names neither."""
+    from core import experiment as X
+    from core.store import find_run
+
+    try:
+        return find_run(runs_dir, ref)
+    except LookupError as exc:
+        try:
+            exp = X.find(runs_dir, ref)
+        except X.ExperimentError:
+            raise exc from None
+    running = exp.running()
+    if running:
+        return running[-1][1]
+    ran = [p for s in exp.strategies if (p := exp.run_path(s)) is not None and p.is_dir()]
+    if not ran:
+        raise LookupError(f"experiment {exp.id} has no run yet")
+    return ran[-1]
 
 
 def cmd_detach(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, processes: int = 1,
@@ -407,14 +435,19 @@ DEFAULT_PORT = 29500
 """The launcher's own default --master-port."""
 
 
-def add_launch_flags(parser: argparse.ArgumentParser) -> None:
-    """train's flags for several processes (OneFlow's launcher; core.distributed)."""
+def add_launch_flags(parser: argparse.ArgumentParser, nodes: bool = True) -> None:
+    """train's flags for several processes (OneFlow's launcher; core.distributed); an
+    experiment's (nodes=False) are those of one node."""
     group = parser.add_argument_group(
-        "several GPUs or nodes", "run through `python -m oneflow.distributed.launch` with "
+        "several GPUs" + (" or nodes" if nodes else ""), "run through `python -m oneflow.distributed.launch` with "
         "DistributedDataParallel; --batch-size stays the global batch: each process takes batch/N "
         "images per step (N = processes in all), so it must be divisible by N")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="processes on this node (one per GPU; on a CPU, one per few cores)")
+    if not nodes:
+        group.add_argument("--master-port", type=int, metavar="P",
+                           help="a free TCP port for the processes of each run (default: a free one)")
+        return
     group.add_argument("--nnodes", type=int, metavar="M", help="number of nodes (default: 1)")
     group.add_argument("--node-rank", type=int, default=0, metavar="R",
                        help="this node's rank, 0 to M-1 (default: 0; node 0 writes the run folder)")
@@ -445,6 +478,16 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
         for problem in problems:
             err.print(f"error: {problem}", markup=False)
         return EXIT_USAGE
+    return launched(cfg, topo)
+
+
+def launched(cfg: C.RunConfig, topo: Any, on_run: Optional[Callable[[Path], None]] = None) -> int:
+    """Run `cfg` on the processes of `topo` (checked) through the launcher, and say how it ended;
+    `on_run` gets the run folder once it started."""
+    from core.distributed import launch
+    from core.errors import SetupError
+
+    err = _console(stderr=True)
 
     def told(what: str) -> None:
         err.print("stopping every process after this step (Ctrl-C again to abort)" if what == "stop"
@@ -454,7 +497,7 @@ def cmd_launch(cfg: C.RunConfig, args: argparse.Namespace) -> int:
               f"{topo.nnodes} nodes): " + launcher_line(topo),
               markup=False)
     try:
-        result = launch(cfg, topo, on_signal=told)
+        result = launch(cfg, topo, on_signal=told, on_run=on_run)
     except (SetupError, OSError) as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_FAILED
@@ -473,7 +516,8 @@ EXPERIMENT_ORDER = ("finetune", "discriminative", "frozen", "scratch")
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     """`transferlab experiment`: train the strategies one after another with the same settings
-    (or continue an experiment), then print the comparison. UsageError for bad settings."""
+    (or continue an experiment), then print the comparison; with --detach, in a process of its
+    own. UsageError for bad settings."""
     from core import experiment as X
     from core.errors import SetupError
 
@@ -491,11 +535,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         cfg = None if args.continue_ else config_from_args(args)
     except C.ConfigError as exc:
         raise UsageError([_as_flag(p) for p in exc.problems]) from None
-    if not training_imported(err):
+    processes = 1 if args.nproc_per_node is None else args.nproc_per_node
+    if cfg is not None:
+        _check_processes(cfg, processes)
+    namer = _experiment_namer()
+    if not args.detach and not training_imported(err):
         return EXIT_ABORTED
     try:
         exp = X.find(args.runs_dir or C.RunConfig().runs_dir, args.continue_) if args.continue_ \
             else X.create(cfg, strategies)
+        _check_processes(exp.settings, processes)
+        if args.detach:
+            return cmd_detach_experiment(exp, processes, args.master_port, continued=bool(args.continue_))
         exp.hold()
         todo = exp.plan()
     except SetupError as exc:  # the experiment's file or folder, the runs folder
@@ -508,15 +559,118 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     err.print(f"experiment {exp.id}: {', '.join(exp.strategies)} ({len(todo)} run(s) to go) in {exp.path}",
               markup=False)
     for i, (strategy, resume) in enumerate(todo, 1):
-        err.print(f"experiment {exp.id}: run {i} of {len(todo)}: {strategy}" + (" (resumed)" if resume else ""),
-                  markup=False)
-        record = X.Recorder(exp, strategy)
-        code = cmd_train(exp.config(strategy) if resume is None else None,
-                         resume=(resume, None) if resume is not None else None, listeners=[record])
+        alone = resume is not None and processes > 1
+        err.print(f"experiment {exp.id}: run {i} of {len(todo)}: {strategy}" + (" (resumed" + (
+            ", in one process: a run resumes in one process only)" if alone else ")") if resume else ""),
+            markup=False)
+        code = experiment_run(exp, strategy, resume, processes, args.master_port, namer)
+        namer = None  # (only the first run is named to the parent that waits)
         if code != EXIT_OK:
-            err.print(f"experiment {exp.id} paused at {strategy}; continue it with: {again}", markup=False)
+            if not args.continue_ and exp.discard_if_empty():
+                err.print(f"experiment {exp.id} removed: its first run did not start", markup=False)
+            else:
+                err.print(f"experiment {exp.id} paused at {strategy}; continue it with: {again}", markup=False)
             return code
     print_comparison(_console(), exp.records(), f"experiment {exp.id}")
+    return EXIT_OK
+
+
+def _check_processes(cfg: C.RunConfig, processes: int) -> None:
+    """UsageError when the runs cannot be trained on `processes` processes (a bad count, or a
+    batch they cannot share)."""
+    from core.distributed import Topology, check_batch
+    from core.errors import SetupError
+
+    if processes == 1:
+        return
+    problems = Topology(processes).problems()
+    if not problems:
+        try:
+            check_batch(cfg.batch_size, processes)
+        except SetupError as exc:
+            problems = [str(exc)]
+    if problems:
+        raise UsageError(problems)
+
+
+def _experiment_namer() -> Any:
+    """In a detached experiment process: the NameRun that tells the parent its first run started."""
+    import os
+
+    from core.launch import ENV_EXPERIMENT, NameRun
+
+    launch = os.environ.pop(ENV_EXPERIMENT, None)
+    return NameRun(launch) if launch else None
+
+
+def experiment_run(exp: Any, strategy: str, resume: Optional[Path], processes: int, port: Optional[int],
+                   namer: Any = None) -> int:
+    """One run of an experiment: in this process, or on `processes` processes through the
+    launcher (a resumed run: in this process); the experiment's file names it when it starts."""
+    from core import experiment as X
+    from core.distributed import Topology
+    from core.launch import free_port
+
+    if resume is None and processes > 1:
+        def started(run_dir: Path) -> None:
+            exp.record(strategy, run_dir.name)
+            if namer is not None:
+                namer.name(run_dir)
+
+        topo = Topology(processes, master_port=port or free_port())  # a new port each run: the last one may linger
+        return launched(exp.config(strategy), topo, on_run=started)
+    listeners = [X.Recorder(exp, strategy)] + ([namer] if namer is not None else [])
+    return cmd_train(exp.config(strategy) if resume is None else None,
+                     resume=(resume, None) if resume is not None else None, listeners=listeners)
+
+
+def cmd_detach_experiment(exp: Any, processes: int, port: Optional[int], continued: bool) -> int:
+    """experiment --detach: the experiment in a background process of its own; say which it is
+    and how to follow and stop it once its first run started (or why it could not); return."""
+    from core.launch import START_TIMEOUT, Child
+
+    console, err = _console(), _console(stderr=True)
+    if exp.held_elsewhere():
+        err.print(f"error: experiment {exp.id} is being run by another process: wait until it pauses or ends",
+                  markup=False)
+        return EXIT_FAILED
+    child = None
+    try:
+        with console.status(f"starting experiment {exp.id} in the background (loading data and model)..."):
+            child = Child.experiment(exp.path, processes, port)
+            started = child.wait(START_TIMEOUT)
+    except OSError as exc:
+        err.print(f"error: cannot start the experiment's process: {exc}", markup=False)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        if child is not None:
+            child.terminate()
+        err.print(f"interrupted: experiment {exp.id} was asked to stop; continue it with "
+                  f"transferlab experiment --continue {exp.id}", markup=False)
+        return EXIT_ABORTED
+    ref = f"{shlex.quote(exp.id)} --runs-dir {shlex.quote(str(exp.runs_dir))}"
+    if started.exit_code is not None:  # it could not start a run: its output says why
+        text = started.log.read_text(encoding="utf-8", errors="replace") if started.log.exists() else ""
+        if started.exit_code == EXIT_OK:  # nothing left to train: the comparison
+            console.print(text.rstrip(), markup=False)
+            return EXIT_OK
+        for line in started.reason():
+            err.print(line, markup=False)
+        if continued or not exp.discard_if_empty():
+            err.print(f"experiment {exp.id} paused; continue it with transferlab experiment --continue {ref}",
+                      markup=False)
+        return EXIT_FAILED if started.exit_code not in (EXIT_USAGE, EXIT_ABORTED) else started.exit_code
+    how = f" on {processes} processes" if processes > 1 else ""
+    what = "continued" if continued else "started"
+    if started.run_dir is None:
+        console.print(f"experiment {exp.id} {what} in the background{how} (pid {started.pid}); still loading "
+                      f"after {START_TIMEOUT:.0f} s: its output is in {started.log}", markup=False)
+        return EXIT_OK
+    console.print(f"experiment {exp.id} {what} in the background{how} (pid {started.pid}): "
+                  f"{', '.join(exp.strategies)}; first run {started.run_dir.name}", markup=False)
+    console.print(f"  output: {started.log}\n  watch:  transferlab attach {ref}\n"
+                  f"  stop:   transferlab stop {ref}   (stops its current run with a checkpoint; "
+                  f"continue it with transferlab experiment --continue {ref})", markup=False)
     return EXIT_OK
 
 
@@ -872,7 +1026,7 @@ def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
 
     console, err = _console(), _console(stderr=True)
     try:
-        path = find_run(runs_dir, ref)
+        path = run_or_experiment(runs_dir, ref)
     except LookupError as exc:
         err.print(f"error: {exc}", markup=False)
         return EXIT_USAGE

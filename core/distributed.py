@@ -218,7 +218,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def launch(cfg: C.RunConfig, topo: Topology, on_signal: Optional[Callable[[str], None]] = None,
-           poll: float = 0.2) -> Launched:
+           poll: float = 0.2, on_run: Optional[Callable[[Path], None]] = None) -> Launched:
     """Run `cfg` on this node's ranks through OneFlow's launcher and wait for the end.
 
     The launcher and its ranks get a session of their own (Ctrl-C on the terminal reaches this
@@ -227,7 +227,8 @@ def launch(cfg: C.RunConfig, topo: Topology, on_signal: Optional[Callable[[str],
     ranks' stdout is this terminal (rank 0's progress); their stderr goes to a log that ends in
     the run folder as ranks.log. When a rank dies, the launcher signals the others and exits: the
     rest get FAIL_GRACE seconds, are then killed, and a run folder still saying "running" is
-    marked failed."""
+    marked failed. `on_run` is told the run folder as soon as rank 0 has named it (an experiment
+    records its run then)."""
     check_batch(cfg.batch_size, topo.world)
     from core.launch import tidy_launch_files
 
@@ -257,7 +258,12 @@ def launch(cfg: C.RunConfig, topo: Topology, on_signal: Optional[Callable[[str],
                                  start_new_session=True)
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = child.wait()
+        told = on_run is None
+        while (code := child.poll()) is None:
+            if not told and named.exists():
+                told = True
+                on_run(Path(named.read_text(encoding="utf-8").strip()))
+            time.sleep(poll)
         # The launcher has exited: with 0 when every rank did; else it has just signalled them.
         grace = STOP_GRACE if signals else FAIL_GRACE
         deadline = time.monotonic() + grace

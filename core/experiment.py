@@ -160,6 +160,57 @@ class Experiment:
         except OSError as exc:
             raise ExperimentError(f"cannot write {self.path / FILE}: {exc.strerror or exc}") from None
 
+    def held_elsewhere(self) -> bool:
+        """Another process (or another holder in this one) runs the experiment now."""
+        import fcntl
+
+        try:
+            with open(self.path / LOCK, "a+") as probe:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def reread(self) -> "Experiment":
+        """The experiment as its file says now (the process that runs it rewrites the file when a
+        run starts); itself when the file cannot be read."""
+        try:
+            return read(self.path)
+        except ExperimentError:
+            return self
+
+    def statuses(self) -> List[Tuple[str, Path, str]]:
+        """(strategy, run folder, status) of the runs it has started, in its order."""
+        from core.store import read_run
+
+        return [(s, p, read_run(p).summary["status"]) for s in self.strategies
+                if (p := self.run_path(s)) is not None and p.is_dir()]
+
+    def running(self) -> List[Tuple[str, Path]]:
+        """(strategy, run folder) of its runs that are training now, as its file says now."""
+        return [(s, p) for s, p, status in self.reread().statuses() if status == "running"]
+
+    def complete(self) -> bool:
+        """Every strategy has a completed run."""
+        done = [status for _, _, status in self.statuses() if status == "completed"]
+        return len(done) == len(self.strategies)
+
+    def discard_if_empty(self) -> bool:
+        """Remove the folder of an experiment none of whose runs started (its first failed to set
+        up): there is nothing to continue. True when it was removed."""
+        import shutil
+
+        try:
+            if read(self.path).runs or self.held_elsewhere():
+                return False
+        except ExperimentError:
+            return False
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
+
     def release(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None:
@@ -263,6 +314,15 @@ def list_experiments(runs_dir: str | Path) -> List[Tuple[Path, Optional[Experime
         except ExperimentError as exc:
             out.append((folder, None, str(exc)))
     return out
+
+
+def of_run(run_dir: Path) -> Optional[Experiment]:
+    """The experiment (of its runs folder) that the run in `run_dir` belongs to, if any."""
+    run_dir = Path(run_dir)
+    for _, exp, _ in list_experiments(run_dir.parent):
+        if exp is not None and run_dir.name in exp.runs.values():
+            return exp
+    return None
 
 
 def find(runs_dir: str | Path, ref: str) -> Experiment:

@@ -28,6 +28,9 @@ from core.store import atomic_write_text, check_runs_dir
 
 ENV_LAUNCH = "TRANSFERLAB_LAUNCH"
 """Set in a detached child: the path of its launch file (its log is LAUNCH.log)."""
+ENV_EXPERIMENT = "TRANSFERLAB_EXPERIMENT_LAUNCH"
+"""Set in a detached experiment process: the launch file whose .run names its first run (its
+output stays in the experiment's folder as output.log)."""
 START_TIMEOUT = 180.0
 """How long the parent waits for the child to start its run (loading data and weights)."""
 
@@ -105,22 +108,49 @@ def tidy_launch_files(runs_dir: Path, older_than: float = START_TIMEOUT + 60.0) 
             pass
 
 
+def _launch_file(folder: Path) -> Path:
+    return folder / f".launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
+
+
 class Child:
-    """A `transferlab train` process started in the background, until its run has started."""
+    """A `transferlab train` process started in the background, until its run has started (or,
+    made by `experiment()`, a `transferlab experiment` process, until its first run has)."""
+
+    adopts_log = True
+    """Its log becomes the run's output.log (an experiment's stays in the experiment's folder)."""
 
     def __init__(self, cfg: Optional[C.RunConfig] = None, resume: Optional[Path] = None,
                  epochs: Optional[int] = None, processes: int = 1, port: Optional[int] = None):
         runs_dir = check_runs_dir(cfg.runs_dir if cfg is not None else Path(resume).parent)
         tidy_launch_files(runs_dir)
-        self.launch = runs_dir / f".launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
+        self.launch = _launch_file(runs_dir)
         if cfg is not None:
             C.save(cfg, self.launch)
-        log = self.launch.with_suffix(".log")
-        argv = [sys.executable, "-m", "tui", *train_args(cfg, self.launch, resume, epochs, processes, port)]
+        self._start(train_args(cfg, self.launch, resume, epochs, processes, port), self.launch.with_suffix(".log"),
+                    ENV_LAUNCH)
+
+    @classmethod
+    def experiment(cls, folder: Path, processes: int = 1, port: Optional[int] = None) -> "Child":
+        """`transferlab experiment --continue` of the experiment in `folder` (RUNS/experiments/ID),
+        its output in the folder's output.log (an earlier one is kept as output.N.log)."""
+        child = cls.__new__(cls)
+        child.adopts_log = False
+        tidy_launch_files(folder)
+        child.launch = _launch_file(folder)
+        log = folder / "output.log"
+        if log.exists():
+            os.replace(log, _free_name(log))
+        args = ["experiment", "--continue", folder.name, "--runs-dir", str(folder.parent.parent)]
+        if processes > 1:
+            args += ["--nproc-per-node", str(processes)] + (["--master-port", str(port)] if port else [])
+        child._start(args, log, ENV_EXPERIMENT)
+        return child
+
+    def _start(self, args: List[str], log: Path, env_key: str) -> None:
         with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
             self.process = subprocess.Popen(
-                argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, ENV_LAUNCH: str(self.launch)}, cwd=os.getcwd())
+                [sys.executable, "-m", "tui", *args], stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, env_key: str(self.launch)}, cwd=os.getcwd())
         self.state = Detached(self.process.pid, log)
 
     def poll(self) -> bool:
@@ -129,7 +159,8 @@ class Child:
         if state.run_dir is None and state.exit_code is None:
             if started.exists():
                 state.run_dir = Path(started.read_text(encoding="utf-8").strip())
-                state.log = state.run_dir / "output.log"
+                if self.adopts_log:
+                    state.log = state.run_dir / "output.log"
             else:
                 state.exit_code = self.process.poll()
         done = state.run_dir is not None or state.exit_code is not None
@@ -167,7 +198,10 @@ class NameRun:
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.RunStarted):
-            atomic_write_text(self.launch.with_suffix(".run"), str(event.run_dir) + "\n")
+            self.name(Path(event.run_dir))
+
+    def name(self, run_dir: Path) -> None:
+        atomic_write_text(self.launch.with_suffix(".run"), str(run_dir) + "\n")
 
 
 class AdoptLog(NameRun):

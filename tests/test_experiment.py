@@ -151,8 +151,139 @@ async def test_the_app_runs_an_experiment_pauses_it_and_continues_it(tmp_path):
         await pilot.press("x")
         await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), timeout=300)
         compare = app.screen
-        await wait_until(pilot, lambda: compare.query_one("#compare-table").row_count == 2)
+        await wait_until(pilot, lambda: any(t.row_count == 2 for t in compare.query("#compare-table")))
         exp = the_experiment(tmp_path / "runs")
         assert sorted(exp.runs) == ["frozen", "scratch"]
         assert all(read_run(tmp_path / "runs" / r).summary["status"] == "completed" for r in exp.runs.values())
         assert runs.selected == set(exp.runs.values())
+
+
+def _cli(*argv, timeout=300):
+    import subprocess
+
+    from conftest import cli_env, transferlab_cmd
+
+    return subprocess.run([*transferlab_cmd(), *argv], capture_output=True, text=True, env=cli_env(),
+                          timeout=timeout)
+
+
+def _wait_for(condition, timeout=240.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_detached_experiment_is_stopped_by_its_id_and_continued_in_the_background(tmp_path):
+    """`experiment --detach` returns once its first run trains, in a process of its own;
+    `stop EXP` stops its current run (the experiment pauses: its process ends); `--continue
+    --detach` resumes that run and trains the rest; the first output is kept beside the new."""
+    runs_dir = str(tmp_path / "runs")
+    slow = [*TINY, "--limit-train", "400", "--batch-size", "8", "--epochs", "2"]
+    started = _cli("experiment", *slow, "--strategies", "frozen,scratch", "--runs-dir", runs_dir, "--detach")
+    assert started.returncode == 0, started.stderr
+    exp = the_experiment(runs_dir)
+    assert f"experiment {exp.id} started in the background" in started.stdout
+    assert f"transferlab stop {exp.id} --runs-dir {runs_dir}" in started.stdout
+    assert exp.held_elsewhere() and [s for s, _ in exp.running()] == ["frozen"]
+    stopped = _cli("stop", exp.id, "--runs-dir", runs_dir)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    _wait_for(lambda: not exp.held_elsewhere())
+    assert "paused at frozen" in (exp.path / "output.log").read_text()
+    assert [(s, status) for s, _, status in exp.reread().statuses()] == [("frozen", "stopped")]
+
+    again = _cli("experiment", "--continue", exp.id, "--runs-dir", runs_dir, "--detach")
+    assert again.returncode == 0 and f"experiment {exp.id} continued in the background" in again.stdout, again.stderr
+    _wait_for(lambda: not exp.held_elsewhere())
+    exp = exp.reread()
+    assert exp.complete(), (exp.path / "output.log").read_text()
+    assert "paused at frozen" in (exp.path / "output.1.log").read_text()
+    log = (exp.path / "output.log").read_text()
+    assert "run 1 of 2: frozen (resumed)" in log and "run 2 of 2: scratch" in log and "vs scratch" in log
+
+
+def test_a_detached_experiment_that_cannot_start_says_why_and_leaves_nothing(tmp_path):
+    runs_dir = tmp_path / "runs"
+    result = _cli("experiment", *TINY, "--pretrained", str(tmp_path / "missing"), "--runs-dir", str(runs_dir),
+                  "--detach")
+    assert result.returncode == cli.EXIT_FAILED
+    assert result.stderr.count("error:") == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert list((runs_dir / X.EXPERIMENTS).iterdir()) == []  # the new experiment had nothing to continue
+
+
+def test_an_experiment_on_two_processes_records_each_run_as_it_starts(tmp_path, monkeypatch, capsys):
+    """--nproc-per-node 2: each run through OneFlow's launcher; the experiment's file names the
+    run as soon as rank 0 started it (so an interrupted experiment resumes it)."""
+    runs_dir = tmp_path / "runs"
+    seen = []
+    real = X.Experiment.record
+
+    def record(self, strategy, run_id):
+        real(self, strategy, run_id)
+        seen.append(read_run(runs_dir / run_id).summary["status"])
+
+    monkeypatch.setattr(X.Experiment, "record", record)
+    code = cli.main(["experiment", *TINY, "--strategies", "frozen", "--runs-dir", str(runs_dir),
+                     "--nproc-per-node", "2"])
+    assert code == 0, capsys.readouterr().err
+    exp = the_experiment(runs_dir)
+    (run,) = exp.records()
+    assert run.summary["status"] == "completed" and seen == ["running"]
+    assert "2 processes (OneFlow's launcher, DDP)" in (run.path / "metrics.jsonl").read_text()
+
+
+async def test_the_app_runs_an_experiment_in_the_background_and_follows_it_run_by_run(tmp_path):
+    """ctrl+e with "in background": the experiment's own process trains; the dashboard follows
+    each run as it starts ("run i of n"), then the comparison; the process has ended."""
+    from core.config import RunConfig
+    from textual.widgets import Select
+    from tui.app import TransferLabApp
+    from tui.dialogs import PathScreen
+    from tui.runs import CompareScreen
+    from test_tui import wait_until
+
+    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=8, limit_train=96,
+                    limit_test=32, epochs=1, device="cpu", runs_dir=str(tmp_path / "runs"))
+    app = TransferLabApp(cfg)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause()
+        app.screen.query_one("#f-background", Select).value = True
+        await pilot.pause()
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: isinstance(app.screen, PathScreen))
+        app.screen.query_one("Input").value = "frozen,scratch"
+        await pilot.press("enter")
+        dash = app.mode_screen("dashboard")
+        await wait_until(pilot, lambda: app.live is not None and "run 1 of 2" in str(dash.query_one("#stats").render()),
+                         timeout=180)
+        assert not app.live.run.here and app.experiment_child is not None
+        await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), timeout=300)
+        exp = the_experiment(tmp_path / "runs")
+        assert exp.complete() and not exp.held_elsewhere()
+        assert app.experiment_child.process.wait(60) == 0
+        compare = app.screen
+        await wait_until(pilot, lambda: any(t.row_count == 2 for t in compare.query("#compare-table")))
+
+
+async def test_attaching_to_a_run_of_a_detached_experiment_follows_the_experiment(tmp_path):
+    """`transferlab attach EXP` (the app opened on one of its runs) while another process trains
+    the experiment: the dashboard follows its runs one after another, then compares them."""
+    from tui.app import TransferLabApp
+    from tui.runs import CompareScreen
+    from core.config import RunConfig
+    from test_tui import wait_until
+
+    runs_dir = str(tmp_path / "runs")
+    started = _cli("experiment", *TINY, "--limit-train", "96", "--batch-size", "8", "--strategies", "frozen,scratch",
+                   "--runs-dir", runs_dir, "--detach")
+    assert started.returncode == 0, started.stderr
+    run_dir = cli.run_or_experiment(runs_dir, the_experiment(runs_dir).id)
+    app = TransferLabApp(RunConfig(runs_dir=runs_dir), attach=run_dir)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), timeout=300)
+        exp = the_experiment(runs_dir)
+        assert exp.complete() and app.experiment is None
+        compare = app.screen
+        await wait_until(pilot, lambda: any(t.row_count == 2 for t in compare.query("#compare-table")))

@@ -13,19 +13,20 @@ import gc
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Set
+from typing import Any, Callable, Iterable, Optional, Set
 
 from textual import events, on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from core import events as ev
 from core.config import RunConfig
@@ -163,7 +164,13 @@ class TransferLabApp(InstantSwitchApp):
         self.runs_dir = runs_dir or self.initial_cfg.runs_dir
         self.live: Optional[LiveRun] = None
         self.experiment: Any = None
-        """The experiment this app runs (core.experiment), while it does."""
+        """The experiment this app runs or follows (core.experiment), while it does."""
+        self.experiment_elsewhere = False
+        """The experiment trains in a process of its own (this app follows it)."""
+        self.experiment_child: Any = None
+        """The process of the experiment this app started in the background (core.launch.Child)."""
+        self._letting_go = threading.Event()
+        """Set when the interface ends: a worker following another process lets go of it."""
         self.quit_after_run = False
         self.add_mode("form", lambda: FormScreen(self.initial_cfg, list(notes)))
         self.add_mode("dashboard", lambda: DashboardScreen())
@@ -184,8 +191,13 @@ class TransferLabApp(InstantSwitchApp):
         self._last_full_gc = time.monotonic()
         self.set_interval(GC_YOUNG_SECONDS, self._collect)
         if self.attach_to is not None:
+            from core.experiment import of_run
             from core.store import read_run
 
+            exp = of_run(self.attach_to)
+            if exp is not None and exp.held_elsewhere():  # a run of an experiment that goes on: follow it all
+                await self.follow_experiment(exp)
+                return
             following = read_run(self.attach_to).summary["status"] == "running"
             await self.switch_mode("runs")
             self.mode_screen("runs").open_run(self.attach_to, following)
@@ -226,6 +238,11 @@ class TransferLabApp(InstantSwitchApp):
     def running(self) -> bool:
         return self.live is not None and self.live.status in ("starting", "running")
 
+    @property
+    def busy(self) -> bool:
+        """A run trains, or an experiment goes on (between its runs too): nothing else may start."""
+        return self.running or self.experiment is not None
+
     async def start_run(self, cfg: Optional[RunConfig] = None, resume: Optional[Path] = None,
                         background: bool = False, processes: int = 1) -> bool:
         """Start training `cfg` and show the dashboard: in the app's worker thread, or with
@@ -235,7 +252,7 @@ class TransferLabApp(InstantSwitchApp):
         from core.runner import Background, Local
         from core.trainer import ResumeError, plan_resume
 
-        if self.running:
+        if self.busy:
             self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
             return False
         if resume is not None:
@@ -283,20 +300,26 @@ class TransferLabApp(InstantSwitchApp):
         return None
 
     async def start_experiment(self, cfg: Optional[RunConfig] = None, strategies: Iterable[str] = (),
-                               exp: Any = None) -> bool:
+                               exp: Any = None, background: bool = False, processes: int = 1) -> bool:
         """Train `cfg` with each of `strategies`, one after another in the app's worker (or
-        continue the experiment `exp`); at the end, the comparison. False (with a toast) when a
-        run is in progress or the experiment cannot start."""
+        continue the experiment `exp`); with `background` (always with processes > 1), in a
+        process of its own that the dashboard follows run by run. At the end, the comparison.
+        False (with a toast) when a run is in progress or the experiment cannot start."""
         from core import experiment as X
 
-        if self.running:
+        if self.busy:
             self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
             return False
         from core.errors import SetupError
 
+        elsewhere = background or processes > 1
         try:
             exp = exp or X.create(cfg, list(strategies))
-            exp.hold()
+            if elsewhere and exp.held_elsewhere():
+                raise X.ExperimentError(f"experiment {exp.id} is being run by another process: wait until it "
+                                        "pauses or ends")
+            if not elsewhere:
+                exp.hold()
             todo = exp.plan()
         except SetupError as exc:  # the experiment's file or folder, the runs folder
             if exp is not None:
@@ -309,10 +332,85 @@ class TransferLabApp(InstantSwitchApp):
             self._show_experiment(exp)
             return False
         self.runs_dir = str(exp.runs_dir)
-        self.experiment = exp
+        self.experiment, self.experiment_elsewhere, self.experiment_child = exp, elsewhere, None
         await self.switch_mode("dashboard")
-        self._experiment(exp, todo)
+        if elsewhere:
+            from core.launch import Child
+
+            self.dashboard.begin(exp.config(todo[0][0]), where=f"(experiment {exp.id}: starting in the background"
+                                 + (f" on {processes} processes" if processes > 1 else "") + ")")
+            self._experiment_elsewhere(exp, len(todo), lambda: Child.experiment(exp.path, processes))
+        else:
+            self._experiment(exp, todo)
         return True
+
+    async def follow_experiment(self, exp: Any) -> bool:
+        """Follow, run by run, the experiment another process trains now (`x` on the runs
+        screen, `transferlab attach`); the comparison at its end. False (with a toast) when this
+        app trains a run."""
+        if self.busy:
+            self.notify("A run is in progress: stop it first (s on the dashboard).", severity="warning")
+            return False
+        self.experiment, self.experiment_elsewhere, self.experiment_child = exp, True, None
+        self.runs_dir = str(exp.runs_dir)
+        left = len(exp.strategies) - sum(status == "completed" for _, _, status in exp.statuses())
+        await self.switch_mode("dashboard")
+        self.dashboard.begin(exp.config(exp.strategies[0]), where=f"(experiment {exp.id}, trained in the background)")
+        self._experiment_elsewhere(exp, left, None)
+        return True
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
+    def _experiment_elsewhere(self, exp: Any, count: int, start: Optional[Callable[[], Any]]) -> None:
+        """An experiment trained by its own process (started now by `start`, or already running):
+        each of its runs, as it starts, followed on the dashboard; the end when the process has
+        ended and no run is left to follow. Letting go (the app ends) leaves it training."""
+        from core.errors import one_line
+        from core.runner import attach
+
+        worker = get_current_worker()
+        since, followed, i = time.time(), set(), 0
+        if start is not None:
+            try:
+                child = start()
+            except OSError as exc:
+                self.post_message(self.RunCouldNotStart(f"cannot start the experiment's process: {one_line(exc)}"))
+                self.post_message(self.ExperimentEnded(exp, False))
+                return
+            self.experiment_child = child
+            state = child.wait(cancelled=self._letting_go)
+            if state.exit_code is not None:
+                self.post_message(self.RunCouldNotStart("; ".join(line.removeprefix("error: ")
+                                                                  for line in state.reason())))
+                self.post_message(self.ExperimentEnded(exp, False))
+                return
+        while not worker.is_cancelled and not self._letting_go.is_set():
+            now = exp.reread()
+            fresh = [(s, p) for s, p, status in now.statuses()
+                     if p.name not in followed and (status == "running" or _changed_since(p, since))]
+            if fresh:
+                strategy, path = fresh[0]
+                followed.add(path.name)
+                i += 1
+                run = attach(path)
+                run.listeners.append(StatusFeed(self, False))
+                self.call_from_thread(self._begin, LiveRun(exp.config(strategy), run),
+                                      f"(experiment {exp.id} in the background: run {i} of {max(count, i)})",
+                                      (i, max(count, i)))
+                self._run_or_report(run)
+                continue
+            if not exp.held_elsewhere():
+                exp = exp.reread()
+                break
+            self._letting_go.wait(0.5)
+        if self._letting_go.is_set():
+            return
+        if self.experiment_child is not None:  # reap it (it has let go of the experiment: it is ending)
+            try:
+                self.experiment_child.process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        done = exp.complete()
+        self.post_message(self.ExperimentEnded(exp, done))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train", name="train")
     def _experiment(self, exp: Any, todo: list) -> None:
@@ -538,7 +636,14 @@ async def _run_app(app: TransferLabApp) -> int:
     loop.add_signal_handler(signal.SIGHUP, app.terminal_lost)
     await app.run_async()
     restore_job_control_signals()
+    app._letting_go.set()
     live = app.live
+    if app.experiment is not None and app.experiment_elsewhere:  # its own process: let go of it, say where
+        if live is not None:
+            live.run.close()
+        if not app.lost_terminal:
+            print(experiment_background_note(app.experiment, app.experiment_child), file=sys.stderr, flush=True)
+        return app.return_code or 0
     if live is not None and not live.run.here:  # its own process: let go of it, say where it is
         live.run.close()
         if live.status in ("starting", "running") and not app.lost_terminal:
@@ -572,6 +677,14 @@ async def _run_app(app: TransferLabApp) -> int:
     return EXIT_CODES.get(live.result.status, 1) if live.result else 1
 
 
+def _changed_since(run_dir: Path, since: float) -> bool:
+    """The run's metrics were written after `since` (a run that started and ended between two looks)."""
+    try:
+        return (run_dir / "metrics.jsonl").stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def experiment_note(app: "TransferLabApp") -> str:
     """When the interface ends in the middle of an experiment: only the current run goes on."""
     exp = app.experiment
@@ -579,6 +692,14 @@ def experiment_note(app: "TransferLabApp") -> str:
         return ""
     return (f" Experiment {exp.id} pauses after this run: continue it with transferlab experiment --continue "
             f"{shlex.quote(exp.id)} --runs-dir {shlex.quote(str(exp.runs_dir))}")
+
+
+def experiment_background_note(exp: Any, child: Any) -> str:
+    """What the terminal says when the interface ends while an experiment trains in its own process."""
+    ref = f"{shlex.quote(exp.id)} --runs-dir {shlex.quote(str(exp.runs_dir))}"
+    pid = f" (pid {child.process.pid})" if child is not None else ""
+    return (f"TransferLab: experiment {exp.id} goes on in the background{pid}. Watch it: transferlab attach {ref}; "
+            f"stop it: transferlab stop {ref} (it pauses; continue it with transferlab experiment --continue {ref}).")
 
 
 def background_note(run: Any, runs_dir: str) -> str:

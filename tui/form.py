@@ -284,11 +284,6 @@ class FormScreen(Screen):
             self.notify("Fix the settings marked in red first:\n" + "\n".join(self.problems),
                         title="Cannot start", severity="error")
             return
-        if self.background or self.processes > 1:
-            self.notify("An experiment trains its runs in the app, one after another, in one process: set "
-                        "\"in background\" to no and processes to 1 (or use transferlab experiment in a "
-                        "terminal that stays).", title="Experiment", severity="warning", timeout=8)
-            return
 
         async def chosen(text: Optional[str]) -> None:
             if not text:
@@ -298,7 +293,8 @@ class FormScreen(Screen):
             except C.ConfigError as exc:
                 self.notify("\n".join(exc.problems), title="Experiment", severity="error")
                 return
-            await self.app.start_experiment(self.cfg, strategies)
+            await self.app.start_experiment(self.cfg, strategies, background=self.background,
+                                            processes=self.processes)
 
         self.app.push_screen(PathScreen("Experiment: strategies, trained one after another:", ",".join(ORDER)), chosen)
 

@@ -310,7 +310,8 @@ class RunsScreen(Screen):
 
     async def action_experiment(self) -> None:
         """The experiment of the run under the cursor: its runs overlaid and compared when it is
-        complete, else continued (a paused experiment goes on where it stopped)."""
+        complete; followed when another process trains it now; else continued (a paused
+        experiment goes on where it stopped, in the background when the form says so)."""
         from core.experiment import ExperimentError
 
         run = self.current()
@@ -319,13 +320,17 @@ class RunsScreen(Screen):
             self.notify("This run is not part of an experiment (start one from the form: ctrl+e).",
                         severity="warning")
             return
+        if exp.held_elsewhere():  # trained by another process now: follow it
+            await self.app.follow_experiment(exp)
+            return
         try:
             todo = exp.plan()
         except ExperimentError as exc:
             self.notify(str(exc), title="Experiment", severity="warning", timeout=8)
             return
         if todo:
-            await self.app.start_experiment(exp=exp)
+            form = self.app.mode_screen("form")
+            await self.app.start_experiment(exp=exp, background=form.background, processes=form.processes)
         else:
             self.app._show_experiment(exp)
 

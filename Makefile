@@ -1,7 +1,7 @@
 # TransferLab: `make run` opens the app on the built-in digits data, `make test` runs the tests.
 # `make demo` runs the offline transfer experiment (scripts/demo.py: digits 0-4 -> 5-9).
 # All create .venv with Python 3.10 and install everything first (scripts/setup.sh).
-.PHONY: setup run test bench screenshots demo
+.PHONY: setup run test bench bench-train screenshots demo
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,9 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/ui_latency.py
+
+bench-train: setup
+	.venv/bin/python benchmarks/train_speed.py $(ARGS)
 
 screenshots: setup
 	.venv/bin/python scripts/screenshots.py

@@ -136,55 +136,22 @@ def bench_cli(work: Path, epochs: int) -> list:
     return step_rates(run_dir)
 
 
-def bench_tutorial(steps: int) -> float:
-    """The tutorial's pipeline and loop (its transforms, DataLoader and train step), in img/s."""
-    import numpy as np
-    from PIL import Image
-
-    from core.backend import flow
-    from core.data import load_digits
-    import flowvision.transforms as transforms
-    from flowvision.models import resnet18
+def bench_tutorial() -> float:
+    """The tutorial's pipeline and loop (benchmarks/tutorial.py: its transforms, DataLoader with
+    num_workers=4 and train step), in img/s over one epoch (its workers' start included, as in
+    each of its epochs)."""
     from oneflow import nn
-    from oneflow.utils.data import DataLoader, Dataset
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tutorial
+    from core.data import load_digits
 
     train, _ = load_digits()
-
-    class Digits(Dataset):
-        def __init__(self, transform):
-            self.transform = transform
-
-        def __len__(self):
-            return len(train)
-
-        def __getitem__(self, i):
-            return self.transform(Image.fromarray(train.images[i])), int(train.labels[i])
-
-    transform = transforms.Compose([
-        transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(), transforms.Resize(32),
-        transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    loader = DataLoader(Digits(transform), batch_size=64, shuffle=True, num_workers=4)
-    model = resnet18()
-    model.fc = nn.Linear(model.fc.in_features, 10)
-    optimizer = flow.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=5e-4)
-    loss_func = nn.CrossEntropyLoss()
-    model.train()
-    images_done, start = 0, None
-    for batch, (images, labels) in enumerate(loader):
-        if batch == 1:  # exclude start-up, as for the others
-            start, images_done = time.perf_counter(), 0
-        preds = model(images)
-        loss = loss_func(preds, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if batch % 100 == 0:
-            print(f"  tutorial loss: {loss.numpy():>7f}")
-        images_done += len(labels)
-        if batch >= steps:
-            break
-    loss.numpy()
-    return images_done / (time.perf_counter() - start) if start else float(np.nan)
+    loader = tutorial.loader(train.images, train.labels, 32, True, 64, 4)
+    model, optimizer = tutorial.model_and_optimizer(1, 10)
+    start = time.perf_counter()
+    tutorial.train_epoch(model, loader, optimizer, nn.CrossEntropyLoss())
+    return len(train) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -202,8 +169,8 @@ def main() -> None:
         if not args.latency_only:
             print("CLI: the same run...", flush=True)
             cli_rates = bench_cli(work, args.epochs)
-            print("tutorial pipeline: 20 steps...", flush=True)
-            tutorial = bench_tutorial(20)
+            print("tutorial pipeline: one epoch...", flush=True)
+            tutorial = bench_tutorial()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()

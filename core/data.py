@@ -445,10 +445,13 @@ class BatchTransform:
                 if enabled:
                     mask = flow.tensor(rng.random(n) < 0.5, device=self.device).reshape(n, 1, 1, 1)
                     x = flow.where(mask, flow.flip(x, [dim]), x)
+        # Normalising commutes with the resize (each output pixel is a weighted mean: the
+        # weights sum to 1), so it and every transpose happen at the input's size; the output
+        # is written once, contiguous, by the last matrix multiply.
+        x = x * self.scale + self.shift
         if self.resize:
             s = self.size
-            x = flow.matmul(x.reshape(n * c * h, w), self.aw_t)  # resize width
-            x = x.reshape(n * c, h, s).transpose(1, 2).reshape(n * c * s, h)
-            x = flow.matmul(x, self.ah_t)  # resize height
-            x = x.reshape(n, c, s, s).transpose(2, 3)
-        return x * self.scale + self.shift
+            x = flow.matmul(x.transpose(2, 3).reshape(n * c * w, h), self.ah_t)  # height: (n, c, w, s)
+            x = x.reshape(n * c, w, s).transpose(1, 2).reshape(n * c * s, w)
+            x = flow.matmul(x, self.aw_t).reshape(n, c, s, s)  # width
+        return x

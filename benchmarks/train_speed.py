@@ -89,15 +89,19 @@ def transferlab_run(strategy: str, n_train: int, n_test: int, size: int, batch: 
         return method
 
     started: List[float] = []
+    first_point: List[float] = []
     log: List[str] = []
 
     def listener(event: Any) -> None:
         if isinstance(event, ev.RunStarted):
             started.append(time.perf_counter())
             log.extend(event.notes)
+        elif isinstance(event, ev.StepEnded) and not first_point:
+            first_point.append(time.perf_counter())
 
     for name in times:
         setattr(trainer.Trainer, name, timed(name))
+    called = time.perf_counter()
     try:
         finished = trainer.train(cfg, [listener])
     finally:
@@ -106,7 +110,29 @@ def transferlab_run(strategy: str, n_train: int, n_test: int, size: int, batch: 
     if finished.status != ev.COMPLETED:
         raise SystemExit(f"TransferLab's {strategy} run ended {finished.status}: {finished.message}")
     return {"epochs": times["_train_epoch"], "evals": times["_evaluate"],
-            "run": time.perf_counter() - started[0], "acc": finished.final_test_acc, "notes": log}
+            "run": time.perf_counter() - started[0], "acc": finished.final_test_acc, "notes": log,
+            "first point": first_point[0] - called}
+
+
+def first_point(strategy: str, n_train: int, n_test: int, size: int, batch: int, runs_dir: str) -> float:
+    """Seconds from starting a TransferLab run (as the form's Start does) to its first plotted
+    point (the first StepEnded), then the run is aborted."""
+    from core import events as ev
+    from core import trainer
+    from core.config import RunConfig
+
+    cfg = RunConfig(strategy=strategy, dataset="digits", pretrained="none", image_size=size, batch_size=batch,
+                    epochs=1, limit_train=n_train, limit_test=n_test, device="cpu", runs_dir=runs_dir)
+    control, seen = trainer.RunControl(), []
+
+    def listener(event: Any) -> None:
+        if isinstance(event, ev.StepEnded) and not seen:
+            seen.append(time.perf_counter())
+            control.request_abort()
+
+    called = time.perf_counter()
+    trainer.train(cfg, [listener], control)
+    return seen[0] - called
 
 
 def tutorial_pipeline(train: Any, size: int, batch: int, workers: int, passes: int = 2) -> float:
@@ -190,6 +216,8 @@ def main() -> int:
                                                              runs_dir))):
             print(f"{name}...", flush=True)
             results[name] = run()
+        firsts = {name: first_point(name, n_train, n_test, args.size, args.batch, runs_dir)
+                  for name in ("discriminative", "scratch")}
 
     t1, ft, t3, fr = (results[k] for k in ("tutorial way 1", "finetune", "tutorial way 3", "frozen"))
     ratios = {
@@ -214,6 +242,9 @@ def main() -> int:
     print(f"{'host bytes per training image':34}{3 * args.size * args.size * 4 + 8:12d}{h * w * 3 + 8:14d}"
           f"   (float32 CHW at {args.size} px + label, vs uint8 {h}x{w} + label)")
     print(f"tutorial loops ran with num_workers={workers} (its best at {args.size} px)")
+    firsts.update({"finetune": ft["first point"], "frozen": fr["first point"]})
+    print("TransferLab, Start to the first plotted point (data, model, first step): "
+          + ", ".join(f"{name} {firsts[name]:.1f} s" for name in ("finetune", "discriminative", "frozen", "scratch")))
     for note in fr["notes"]:
         print(f"TransferLab frozen: {note}")
     print()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from core.errors import SetupError
 
@@ -74,6 +74,14 @@ def gpu_problem() -> Optional[str]:
                        + ". " + HOPPER_FIX)
     _probe_cache["cuda"] = problem
     return problem
+
+
+def gpu_capability() -> Optional[Tuple[int, int]]:
+    """The first GPU's compute capability (major, minor), or None when there is none."""
+    try:
+        return tuple(flow.cuda.get_device_capability(0)) if flow.cuda.is_available() else None
+    except Exception:
+        return None
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -27,6 +27,7 @@ STRATEGIES = {
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small")
 DATASETS = ("cifar10", "digits", "synthetic")  # plus "imagefolder:PATH"
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # what each means: core/precision.py
 SCHEDULES = ("constant", "step", "cosine", "onecycle")  # the formulas: core/schedule.py
 
 
@@ -95,6 +96,10 @@ class RunConfig:
     """Seeds numpy and oneflow so that runs can be repeated."""
     device: str = _field("auto", "auto (cuda when usable, else cpu), cpu or cuda", DEVICES)
     """Where to train; auto checks that this OneFlow build can run on the GPU before using it."""
+    precision: str = _field("auto", "Mixed precision on a GPU: auto (bf16 where the GPU has it, else fp16 on "
+                                    "tensor-core GPUs; fp32 on the CPU), fp32, fp16 or bf16", PRECISIONS)
+    """The forward passes run under OneFlow's autocast in fp16 or bf16 (weights and optimizer stay
+    fp32; fp16 with dynamic loss scaling); fp32 everywhere on the CPU (core/precision.py)."""
     runs_dir: str = _field("./runs", "Folder that receives one subfolder per run")
     """Run folders (config, metrics, summary, checkpoints) are created below it."""
     classes: str = _field("", "Only these classes: indices and ranges (0-4 or 5,7,9) or names (cat,dog); "

@@ -13,7 +13,7 @@ import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -437,14 +437,26 @@ class BatchTransform:
         self.shift = flow.tensor((-mean / std).reshape(1, 3, 1, 1), device=device)
 
     def __call__(self, images: np.ndarray, train: bool, rng: np.random.Generator):
+        return self.apply(images, *(self.flips(len(images), rng) if train else (None, None)))
+
+    def flips(self, n: int, rng: np.random.Generator) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """The random flips of a training batch of `n` images: a boolean mask per direction
+        (horizontal, vertical; None when that flip is off), drawn from `rng` in that order. The
+        one place the flips are drawn: the frozen fast path (core.features) draws them here too,
+        so that it takes exactly the random numbers the images would have taken."""
+        h = rng.random(n) < 0.5 if self.hflip else None
+        v = rng.random(n) < 0.5 if self.vflip else None
+        return h, v
+
+    def apply(self, images: np.ndarray, hflip: Optional[np.ndarray] = None, vflip: Optional[np.ndarray] = None):
+        """The batch with the images marked in `hflip` / `vflip` flipped, resized, normalised."""
         flow = self.flow
         x = flow.tensor(images, device=self.device).permute(0, 3, 1, 2).to(flow.float32)
         n, c, h, w = x.shape
-        if train:
-            for enabled, dim in ((self.hflip, 3), (self.vflip, 2)):
-                if enabled:
-                    mask = flow.tensor(rng.random(n) < 0.5, device=self.device).reshape(n, 1, 1, 1)
-                    x = flow.where(mask, flow.flip(x, [dim]), x)
+        for flipped, dim in ((hflip, 3), (vflip, 2)):
+            if flipped is not None:
+                mask = flow.tensor(flipped, device=self.device).reshape(n, 1, 1, 1)
+                x = flow.where(mask, flow.flip(x, [dim]), x)
         # Normalising commutes with the resize (each output pixel is a weighted mean: the
         # weights sum to 1), so it and every transpose happen at the input's size; the output
         # is written once, contiguous, by the last matrix multiply.

@@ -41,7 +41,7 @@ def head_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
     *parents, last = dotted.split(".")
     owner = model
     for part in parents:
@@ -52,7 +52,7 @@ def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
         setattr(owner, last, module)
 
 
-def _get_submodule(model: nn.Module, dotted: str) -> nn.Module:
+def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
     owner = model
     for part in dotted.split("."):
         owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
@@ -114,8 +114,8 @@ def build_model(backbone: str, num_classes: int, pretrained: str) -> Tuple[nn.Mo
         elif pretrained != "none":
             load_backbone_weights(model, read_state_dict(pretrained), pretrained)
         name = head_name(model)
-        old = _get_submodule(model, name)
-        _set_submodule(model, name, nn.Linear(old.in_features, num_classes))
+        old = get_submodule(model, name)
+        set_submodule(model, name, nn.Linear(old.in_features, num_classes))
     return model, name
 
 

@@ -19,6 +19,8 @@ from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
+from core.features import (CachePlan, FeatureCache, cache_cap, feature_size, megabytes, tail_name,
+                           variant_count)
 from core.live import LiveRun
 from core.distributed import Dist, DistributedError, NullWriter
 from core.models import WeightsError, build_model
@@ -37,6 +39,14 @@ FLUSH_SECONDS = 0.5
 ahead of the device; fetching after as many steps as the device completes in this time (measured
 at each fetch) keeps listeners within ~0.5 s of the device: on a GPU a fetch every few dozen
 steps, on a CPU after every step (which takes seconds there, so the sync costs nothing)."""
+EVAL_BATCH_FACTOR, EVAL_BATCH_MAX = 4, 1024
+"""Evaluation batches hold this many times the training batch, up to EVAL_BATCH_MAX images (never
+fewer than the training batch): without gradients, a batch needs no stored activations, so a
+larger one fits where the training batch did, and fewer, larger batches run faster."""
+
+
+def eval_batch_size(batch_size: int) -> int:
+    return max(batch_size, min(batch_size * EVAL_BATCH_FACTOR, EVAL_BATCH_MAX))
 
 
 class RunControl:
@@ -366,6 +376,10 @@ class Trainer:
     """Set when this process is one rank of several: batches are sharded, sums reduced."""
     unfrozen: bool = False
     """The frozen strategy's backbone trains now (unfreeze_epoch reached)."""
+    features: Optional[FeatureCache] = None
+    test_features: Optional[FeatureCache] = None
+    """The frozen fast path (core.features): the backbone's features of the training and test
+    images, while the backbone is frozen and the cache fits (_feature_caches)."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
@@ -396,6 +410,7 @@ class Trainer:
                                             cfg.normalize, cfg.hflip, cfg.vflip)
             self.test_transform = BatchTransform(flow, p.device, p.test.images.shape[1:3], cfg.image_size,
                                                  cfg.normalize, False, False)
+            notes += self._feature_caches()
             self.emit(ev.RunStarted(
                 run_id=self.writer.run_id, run_dir=str(self.writer.path), config=cfg.to_dict(),
                 device=p.device, trainable_params=p.trainable, total_params=p.total,
@@ -415,8 +430,10 @@ class Trainer:
                 if improved:
                     self.best_acc, self.best_epoch = test_acc, epoch
                 early = self._early_stop(epoch)
+                cached = self._cache_note()  # (before an unfreezing drops the cache)
                 note = early or (f"the backbone trains from epoch {epoch + 1} at lr {self.p.cfg.lr_backbone:g}"
                                  if epoch < self.p.cfg.epochs and self._unfreeze_by(epoch + 1) else "")
+                note = "; ".join(part for part in (cached, note) if part)
                 self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
                                         time.time() - epoch_start, note))
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)
@@ -511,7 +528,43 @@ class Trainer:
         for group in groups:
             self.optimizer.add_param_group(group)
         self.unfrozen = True
+        self.features = self.test_features = None  # the backbone's features change from now on
         return True
+
+    def _feature_caches(self) -> Tuple[str, ...]:
+        """Set up the frozen fast path when the backbone is frozen (core.features): the feature
+        caches of the training and test sets when they fit; returns the log line that says what
+        the run does with its features (none when the backbone trains)."""
+        p, cfg = self.p, self.p.cfg
+        if cfg.strategy != "frozen" or self.unfrozen:
+            return ()
+        if self.dist is not None:
+            return (f"frozen backbone: its features are recomputed at every step (the feature cache works "
+                    f"in a single process; here each of the {self.dist.world} computes those of its share)",)
+        tail = tail_name(p.model, p.head)
+        plan = CachePlan(len(p.train), variant_count(cfg.hflip, cfg.vflip), len(p.test),
+                         feature_size(p.model, tail), *cache_cap(p.device))
+        if plan.fits:
+            self.features = FeatureCache(p.model, tail, self.transform, p.train.images, plan.variants,
+                                         plan.floats, p.device)
+            self.test_features = FeatureCache(p.model, tail, self.test_transform, p.test.images, 1,
+                                              plan.floats, p.device)
+        return (plan.note(p.device),)
+
+    def _cache_note(self) -> str:
+        """What the feature cache cost in the epoch that ends, when it computed anything."""
+        if self.features is None:
+            return ""
+        new, reused, seconds = self.features.take_counts()
+        test_new, _, test_seconds = self.test_features.take_counts()
+        if not new + test_new:
+            return ""
+        held = int(self.features.have.sum() + self.test_features.have.sum())
+        total = len(self.features.have) + len(self.test_features.have)
+        size = megabytes(self.features.bytes + self.test_features.bytes)
+        return (f"feature cache: {new + test_new} image variants computed in {seconds + test_seconds:.1f} s, "
+                f"{reused} reused; {held} of {total} held ({size})"
+                + (" - complete" if held == total else ""))
 
     def _schedule_lrs(self, step: int) -> Dict[str, float]:
         """Set every param group's lr for 0-based global step `step`: its base lr (lr_backbone for
@@ -584,9 +637,11 @@ class Trainer:
             n_global, weight = len(idx), 1
             if self.dist is not None:
                 idx, weight = self.dist.shard(idx)
-            x = self.transform(p.train.images[idx], True, self.flip_rng)
             y = flow.tensor(p.train.labels[idx], device=p.device)
-            out = p.model(x)
+            if self.features is not None:  # the same flips drawn, their features looked up
+                out = self.features.outputs(idx, *self.transform.flips(len(idx), self.flip_rng))
+            else:
+                out = p.model(self.transform(p.train.images[idx], True, self.flip_rng))
             if self.dist is None:
                 loss = self.loss_fn(out, y)
             else:  # DDP averages the gradients over the ranks: this makes them those of the global mean
@@ -643,26 +698,32 @@ class Trainer:
         self._window_start, self._window_images = now, 0
 
     def _evaluate(self, epoch: int) -> Tuple[float, float]:
+        """Test loss and accuracy, in batches of eval_batch_size: the sums stay on the device
+        and come to the host in one transfer at the end."""
         p = self.p
         p.model.eval()
-        loss_sum, correct = [], []
+        total_loss = total_correct = None
         with flow.no_grad():
-            for idx in batches(len(p.test), p.cfg.batch_size, False, self.rng):
+            for idx in batches(len(p.test), eval_batch_size(p.cfg.batch_size), False, self.rng):
                 self._check_control(epoch, self.steps_per_epoch)
                 weight = 1
                 if self.dist is not None:  # each rank its share: every test image counted once
                     idx, weight = self.dist.shard(idx)
-                x = self.test_transform(p.test.images[idx], False, self.rng)
                 y = flow.tensor(p.test.labels[idx], device=p.device)
-                out = p.model(x)
+                if self.test_features is not None:
+                    out = self.test_features.outputs(idx)
+                else:
+                    out = p.model(self.test_transform(p.test.images[idx], False, self.rng))
                 batch_loss, hits = self.eval_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
-                loss_sum.append(batch_loss if weight else batch_loss * 0)
-                correct.append(hits if weight else hits * 0)
-        n = len(p.test)
-        total_loss, total_correct = flow.stack(loss_sum).sum(), flow.stack(correct).sum()
+                if not weight:
+                    batch_loss, hits = batch_loss * 0, hits * 0
+                total_loss = batch_loss if total_loss is None else total_loss + batch_loss
+                total_correct = hits if total_correct is None else total_correct + hits
+        totals = flow.stack([total_loss.to(flow.float64), total_correct.to(flow.float64)])
         if self.dist is not None:
-            total_loss, total_correct = self.dist.sum(total_loss), self.dist.sum(total_correct)
-        return float(total_loss.item()) / n, float(total_correct.item()) / n
+            totals = self.dist.sum(totals)
+        loss, correct = totals.numpy().tolist()
+        return loss / len(p.test), correct / len(p.test)
 
     def _check_weights(self, when: str) -> None:
         """Fail the run if a weight or BatchNorm statistic is NaN/inf: a step's loss is computed

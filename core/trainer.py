@@ -540,7 +540,7 @@ class Trainer:
             return ()
         if self.dist is not None:
             return (f"frozen backbone: its features are recomputed at every step (the feature cache works "
-                    f"in a single process; here each of the {self.dist.world} computes those of its share)",)
+                    f"in a single process; each of the {self.dist.world} processes computes the features of its share)",)
         tail = tail_name(p.model, p.head)
         plan = CachePlan(len(p.train), variant_count(cfg.hflip, cfg.vflip), len(p.test),
                          feature_size(p.model, tail), *cache_cap(p.device))

@@ -62,6 +62,10 @@ def test_two_processes_complete_one_run_folder_with_the_global_step_count(ddp_ru
     recs = records(run)
     steps = [r for r in recs if r["event"] == "StepEnded"]
     assert recs[0]["steps_per_epoch"] == 3 == len(steps)  # ceil(33 / 16): the global batch
+    # frozen: the feature cache is for one process; each rank recomputes, and the log says so
+    assert [n for n in recs[0]["notes"] if "frozen backbone" in n] == [
+        "frozen backbone: its features are recomputed at every step (the feature cache works in a single "
+        "process; each of the 2 processes computes the features of its share)"]
     assert (run / "checkpoints" / "last").is_dir()
     assert out.count("completed after 1 epoch") == 1, out  # rank 0 alone reports
 

@@ -563,7 +563,7 @@ class Trainer:
         total = len(self.features.have) + len(self.test_features.have)
         size = megabytes(self.features.bytes + self.test_features.bytes)
         return (f"feature cache: {new + test_new} image variants computed in {seconds + test_seconds:.1f} s, "
-                f"{reused} reused; {held} of {total} held ({size})"
+                f"{reused} reused; {held} of {total} held in {size}"
                 + (" - complete" if held == total else ""))
 
     def _schedule_lrs(self, step: int) -> Dict[str, float]:

@@ -141,8 +141,11 @@ def test_unfreezing_drops_the_cache_and_equals_recomputing(tmp_path, how):
     assert "feature cache" in notes[0] and not any("feature cache" in n for n in notes[1:])
 
 
-def test_a_cached_run_stopped_mid_epoch_and_resumed_equals_the_run_uninterrupted(tmp_path, pair):
+def test_a_cached_run_stopped_mid_epoch_and_resumed_equals_the_run_uninterrupted(tmp_path, pair, monkeypatch):
+    from core import trainer
+
     cached, uncached = pair
+    monkeypatch.setattr(trainer, "FLUSH_STEPS", 1)  # each step told at once (cached steps are fast)
 
     def stop(event, control):
         if isinstance(event, ev.StepEnded) and event.global_step == 6:

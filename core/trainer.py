@@ -433,7 +433,7 @@ class Trainer:
                 cached = self._cache_note()  # (before an unfreezing drops the cache)
                 note = early or (f"the backbone trains from epoch {epoch + 1} at lr {self.p.cfg.lr_backbone:g}"
                                  if epoch < self.p.cfg.epochs and self._unfreeze_by(epoch + 1) else "")
-                note = "; ".join(part for part in (cached, note) if part)
+                note = "; ".join(part for part in (note, cached) if part)  # what changed first
                 self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
                                         time.time() - epoch_start, note))
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)

@@ -448,10 +448,12 @@ class BatchTransform:
         v = rng.random(n) < 0.5 if self.vflip else None
         return h, v
 
-    def apply(self, images: np.ndarray, hflip: Optional[np.ndarray] = None, vflip: Optional[np.ndarray] = None):
-        """The batch with the images marked in `hflip` / `vflip` flipped, resized, normalised."""
+    def apply(self, images: Any, hflip: Optional[np.ndarray] = None, vflip: Optional[np.ndarray] = None):
+        """The batch (uint8 NHWC: a numpy array, or a tensor on the device) with the images marked in
+        `hflip` / `vflip` flipped, resized, normalised."""
         flow = self.flow
-        x = flow.tensor(images, device=self.device).permute(0, 3, 1, 2).to(flow.float32)
+        x = images if isinstance(images, flow.Tensor) else flow.tensor(images, device=self.device)
+        x = x.permute(0, 3, 1, 2).to(flow.float32)
         n, c, h, w = x.shape
         for flipped, dim in ((hflip, 3), (vflip, 2)):
             if flipped is not None:

@@ -17,7 +17,7 @@ None of this is measured on a GPU here (there is none): speed-ups on a GPU are e
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from core.config import PRECISIONS  # noqa: F401  (the setting's choices)
 from core.errors import SetupError
@@ -63,14 +63,14 @@ class LossScaler:
     def backward(self, loss: Any) -> None:
         (loss * self.scale if self.enabled else loss).backward()
 
-    def step(self, optimizer: Any, params: Iterable[Any]) -> bool:
-        """Unscale the gradients and step, or skip the step when one is not finite (then the
-        scale halves). False when the step was skipped."""
+    def step(self, optimizer: Any) -> bool:
+        """Unscale the gradients of the optimizer's parameters and step, or skip the step when one
+        is not finite (then the scale halves). False when the step was skipped."""
         if not self.enabled:
             optimizer.step()
             return True
         flow = self.flow
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for g in optimizer.param_groups for p in g.parameters if p.grad is not None]
         inv = 1.0 / self.scale
         for g in grads:
             g.mul_(inv)

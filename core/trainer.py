@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from core import events as ev
-from core.backend import flow, pick_device, seed_everything
+from core.backend import flow, gpu_capability, pick_device, seed_everything
 from core.config import RunConfig, check
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
@@ -24,6 +24,8 @@ from core.features import (CachePlan, FeatureCache, cache_cap, feature_size, meg
 from core.live import LiveRun
 from core.distributed import Dist, DistributedError, NullWriter
 from core.models import WeightsError, build_model
+from core.precision import LossScaler, autocast
+from core.precision import resolve as resolve_precision
 from core.store import (RunWriter, StoreWriteError, check_runs_dir, io_error_reason, read_run,
                         replace_dir, tidy_run)
 from core.schedule import lr_factor
@@ -47,6 +49,26 @@ larger one fits where the training batch did, and fewer, larger batches run fast
 
 def eval_batch_size(batch_size: int) -> int:
     return max(batch_size, min(batch_size * EVAL_BATCH_FACTOR, EVAL_BATCH_MAX))
+
+
+RESIDENT_DEVICES = ("cuda",)
+"""Devices the uint8 training images are copied to once, when they fit (on the CPU they are
+in its memory already: batches are taken from the numpy array)."""
+RESIDENT_MAX_BYTES = 2 * 1024 ** 3
+"""At most this much of the device's memory holds training images (CIFAR-10's 50,000 at 32 px:
+150 MB); a larger set is copied batch by batch, as on the CPU."""
+
+
+def resident_images(images: np.ndarray, device: str) -> Tuple[Any, str]:
+    """The training images as one uint8 tensor on `device` when they fit there (batches are then
+    indexed on the device: no copy per step), else None; and the log line that says which."""
+    if not device.startswith(RESIDENT_DEVICES):
+        return None, ""
+    size = f"{images.nbytes / 1024 ** 2:,.0f} MB"
+    if images.nbytes > RESIDENT_MAX_BYTES:
+        return None, (f"training images ({size}) are more than {RESIDENT_MAX_BYTES / 1024 ** 3:g} GB: copied to "
+                      f"the {device} batch by batch")
+    return flow.tensor(images, device=device), f"training images copied to the {device} once ({size}, uint8)"
 
 
 class RunControl:
@@ -166,6 +188,8 @@ class Prepared:
     trainable: int
     total: int
     notes: Tuple[str, ...] = ()
+    precision: str = "fp32"
+    """The precision it trains in (core.precision.resolve: fp32, fp16 or bf16)."""
     resume: Optional["ResumePoint"] = None
     """Set when the run continues a stopped one (prepare_resume): where, and from what state."""
 
@@ -181,6 +205,7 @@ def prepare(cfg: RunConfig, runs_folder: bool = True) -> Prepared:
     if runs_folder:
         check_runs_dir(cfg.runs_dir)
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, gpu_capability() if device == "cuda" else None)
     seed_everything(cfg.seed)
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed,
                                          classes=cfg.classes)
@@ -206,7 +231,11 @@ def prepare(cfg: RunConfig, runs_folder: bool = True) -> Prepared:
     model = model.to(device)
     groups = build_param_groups(model, cfg.strategy, head, cfg.lr, cfg.lr_backbone, cfg.no_wd_bn_bias)
     trainable, total = count_params(model)
-    return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes))
+    if precision != "fp32":
+        notes.append(f"mixed precision: {precision} forward passes (OneFlow's autocast; weights stay fp32"
+                     + ("; dynamic loss scaling)" if precision == "fp16" else ")"))
+    return Prepared(cfg, device, train_data, test_data, model, head, groups, trainable, total, tuple(notes),
+                    precision)
 
 
 class ResumeError(SetupError):
@@ -220,7 +249,8 @@ class NothingToResume(ResumeError):
 RESUME_FIELDS = {"epoch": "int", "step": "int", "global_step": "int", "epochs_done": "int",
                  "best_acc": "Optional[float]", "best_epoch": "Optional[int]", "last_acc": "Optional[float]",
                  "rng_epoch": "Dict[str, Any]",
-                 "rng": "Dict[str, Any]", "epoch_losses": "List[float]", "epoch_correct": "int"}
+                 "rng": "Dict[str, Any]", "epoch_losses": "List[float]", "epoch_correct": "int",
+                 "loss_scaler": "Optional[Dict[str, Any]]"}
 """The "resume" record of a checkpoint's meta.json and its types: where the run continues
 (`step` batches of `epoch` done), the numpy generator state at the start of that epoch (its data
 order is drawn from it) and at the checkpoint (with that order drawn), and what the epoch has
@@ -398,7 +428,9 @@ class Trainer:
         try:
             self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
                                             weight_decay=cfg.weight_decay)
-            notes = p.notes
+            self.scaler = LossScaler(flow, p.precision == "fp16")
+            self.resident, resident_note = resident_images(p.train.images, p.device)
+            notes = p.notes + ((resident_note,) if resident_note else ())
             if resume is not None:
                 first_epoch, epochs_done = self._restore(resume), resume.state["epochs_done"]
             elif self._unfreeze_by(1):
@@ -595,6 +627,11 @@ class Trainer:
                 and g["_options"].get("name") == "backbone" for g in saved):
             self._unfreeze()  # the checkpoint was written with the backbone training: its groups follow
         self.optimizer.load_state_dict(state["optimizer"])  # (the lrs: set at each step from the config)
+        if self.scaler.enabled and state.get("loss_scaler") is not None:
+            try:
+                self.scaler.load_state_dict(state["loss_scaler"])
+            except ValueError:
+                pass  # a scale is found again within a few steps: start from the default
         self.global_step = state["global_step"]
         self.best_acc, self.last_acc = state["best_acc"], state["last_acc"]
         self.best_epoch = state["best_epoch"]
@@ -638,18 +675,19 @@ class Trainer:
             if self.dist is not None:
                 idx, weight = self.dist.shard(idx)
             y = flow.tensor(p.train.labels[idx], device=p.device)
-            if self.features is not None:  # the same flips drawn, their features looked up
-                out = self.features.outputs(idx, *self.transform.flips(len(idx), self.flip_rng))
-            else:
-                out = p.model(self.transform(p.train.images[idx], True, self.flip_rng))
-            if self.dist is None:
-                loss = self.loss_fn(out, y)
-            else:  # DDP averages the gradients over the ranks: this makes them those of the global mean
-                loss = self.sum_loss_fn(out, y) * (weight * self.dist.world / n_global)
+            with autocast(flow, p.precision, p.device):
+                if self.features is not None:  # the same flips drawn, their features looked up
+                    out = self.features.outputs(idx, *self.transform.flips(len(idx), self.flip_rng))
+                else:
+                    out = p.model(self.transform(self._images(idx), True, self.flip_rng))
+                if self.dist is None:
+                    loss = self.loss_fn(out, y)
+                else:  # DDP averages the gradients over the ranks: this makes them those of the global mean
+                    loss = self.sum_loss_fn(out, y) * (weight * self.dist.world / n_global)
             self.optimizer.zero_grad()
-            loss.backward()
+            self.scaler.backward(loss)
             lrs = self._schedule_lrs(self.global_step)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
             self.global_step += 1
             shown = loss.detach() if self.dist is None else self.dist.sum(loss.detach() / self.dist.world)
             self._pending.append((step, self.global_step, shown, lrs))
@@ -664,6 +702,12 @@ class Trainer:
         else:  # every rank's correct predictions (a collective: all ranks get here together)
             train_acc = float(self.dist.sum(flow.stack(self._correct).sum()).item()) / len(p.train)
         return float(np.mean(self._epoch_losses)), train_acc
+
+    def _images(self, idx: np.ndarray) -> Any:
+        """A training batch's uint8 images: indexed on the device when they live there."""
+        if self.resident is None:
+            return self.p.train.images[idx]
+        return self.resident[flow.tensor(idx, device=self.p.device)]
 
     def _epoch_order(self, state: Dict[str, Any]) -> Tuple[List[np.ndarray], Dict[str, Any]]:
         """The batches of an epoch that starts with the generator in `state`, and the state
@@ -713,7 +757,9 @@ class Trainer:
                 if self.test_features is not None:
                     out = self.test_features.outputs(idx)
                 else:
-                    out = p.model(self.test_transform(p.test.images[idx], False, self.rng))
+                    with autocast(flow, p.precision, p.device):
+                        out = p.model(self.test_transform(p.test.images[idx], False, self.rng))
+                    out = out.to(flow.float32)
                 batch_loss, hits = self.eval_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
                 if not weight:
                     batch_loss, hits = batch_loss * 0, hits * 0
@@ -801,4 +847,5 @@ class Trainer:
                         "rng": rng, "epoch_losses": list(self._epoch_losses),
                         "epoch_correct": self._epoch_correct()}
         return {**position, "global_step": self.global_step, "best_acc": self.best_acc,
-                "best_epoch": self.best_epoch, "last_acc": self.last_acc}
+                "best_epoch": self.best_epoch, "last_acc": self.last_acc,
+                "loss_scaler": self.scaler.state_dict() if self.scaler.enabled else None}

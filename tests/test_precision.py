@@ -57,7 +57,7 @@ def test_a_scaled_step_is_the_plain_step():
         for _ in range(3):
             optimizer.zero_grad()
             scaler.backward(nn.functional.cross_entropy(model(x), y))
-            assert scaler.step(optimizer, model.parameters())
+            assert scaler.step(optimizer)
         results.append(model.weight.numpy().copy())
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
 
@@ -72,13 +72,13 @@ def test_an_overflowing_gradient_skips_the_step_and_halves_the_scale_then_it_gro
     x, y = _batch(flow)
     optimizer.zero_grad()
     scaler.backward(nn.functional.cross_entropy(model(x), y) * math.inf)  # as an fp16 overflow
-    assert not scaler.step(optimizer, model.parameters())
+    assert not scaler.step(optimizer)
     np.testing.assert_array_equal(model.weight.numpy(), before)  # the step was skipped
     assert scaler.scale == 2.0 ** 15 and scaler.skipped == 1
     for _ in range(2):
         optimizer.zero_grad()
         scaler.backward(nn.functional.cross_entropy(model(x), y))
-        assert scaler.step(optimizer, model.parameters())
+        assert scaler.step(optimizer)
     assert scaler.scale == 2.0 ** 16 and not np.array_equal(model.weight.numpy(), before)
 
 
@@ -92,3 +92,101 @@ def test_a_scaler_state_from_a_checkpoint_is_checked():
                 {"scale": 1e300, "good_steps": 0}):
         with pytest.raises(ValueError):
             scaler.load_state_dict(bad)
+
+
+# -- in the trainer -----------------------------------------------------------------------------
+
+def _tiny(tmp_path, **changes):
+    from core.config import RunConfig
+
+    return RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=16, epochs=2, limit_train=64,
+                     limit_test=32, device="cpu", lr=0.05, runs_dir=str(tmp_path / "runs")).replace(**changes)
+
+
+def _train(cfg, stop_at=None, prepared=None):
+    from pathlib import Path
+
+    from core import events as ev
+    from core.trainer import RunControl, train
+
+    control, folder = RunControl(), []
+
+    def listener(event):
+        if isinstance(event, ev.RunStarted):
+            folder.append(Path(event.run_dir))
+        if isinstance(event, ev.StepEnded) and event.global_step == stop_at:
+            control.request_stop()
+
+    return train(cfg, [listener], control, prepared=prepared), folder[0]
+
+
+def _steps(folder):
+    from core import events as ev
+    from core.store import read_events
+
+    return [(e.global_step, e.loss) for e in ev.as_one_run(read_events(folder)) if isinstance(e, ev.StepEnded)]
+
+
+def _weights(folder):
+    from core.weights import load_checkpoint
+
+    state, _, _ = load_checkpoint(folder / "checkpoints" / "last", with_optimizer=False)
+    return {k: v.numpy() for k, v in state.items()}
+
+
+def test_the_fp16_path_with_its_loss_scaling_trains_as_fp32_and_resumes_with_its_scale(tmp_path, monkeypatch):
+    """On the CPU autocast does nothing, so a run forced to "fp16" runs exactly the loss-scaling
+    path in fp32 arithmetic, where scaling by a power of two is exact: the same run as fp32. Its
+    checkpoint keeps the scaler's state, and a resume takes it up (same losses as uninterrupted)."""
+    import json
+
+    from core import trainer
+
+    plain = _train(_tiny(tmp_path))[1]
+    monkeypatch.setattr(trainer, "resolve_precision", lambda asked, device, capability: "fp16")
+    scaled_result, scaled = _train(_tiny(tmp_path))
+    assert scaled_result.status == "completed"
+    assert _steps(scaled) == _steps(plain)
+    for name, value in _weights(plain).items():
+        np.testing.assert_array_equal(_weights(scaled)[name], value)
+    resume = json.loads((scaled / "checkpoints" / "last" / "meta.json").read_text())["resume"]
+    assert resume["loss_scaler"] == {"scale": 2.0 ** 16, "good_steps": 8, "skipped": 0}
+
+    stopped = _train(_tiny(tmp_path), stop_at=5)[1]
+    result, again = _train(None, prepared=trainer.prepare_resume(stopped))
+    assert result.status == "completed" and again == stopped and _steps(again) == _steps(plain)
+    assert json.loads((again / "checkpoints" / "last" / "meta.json").read_text())["resume"]["loss_scaler"][
+        "good_steps"] == 8  # 4 before the stop + the resumed ones: the scaler's count went on
+
+
+def test_half_precision_asked_on_the_cpu_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from core import cli
+
+    code = cli.main(["train", "--dataset", "digits", "--pretrained", "none", "--device", "cpu", "--precision", "fp16",
+                     "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILED and err.count("error:") == 1 and "precision fp16 needs a CUDA GPU" in err
+    assert not list((tmp_path / "runs").glob("2*"))
+
+
+def test_training_images_kept_on_the_device_give_the_same_run(tmp_path, monkeypatch):
+    """The uint8 set copied to the device once and indexed there (forced on the CPU here) trains
+    exactly as batches copied from the host, and the log says so."""
+    from core import events as ev
+    from core import trainer
+    from core.store import read_events
+
+    from core.backend import flow
+    from core.data import BatchTransform
+
+    host_result, host = _train(_tiny(tmp_path))
+    monkeypatch.setattr(trainer, "RESIDENT_DEVICES", ("cpu",))
+    given, apply = [], BatchTransform.apply
+    monkeypatch.setattr(BatchTransform, "apply", lambda self, images, *a: given.append(type(images)) or apply(
+        self, images, *a))
+    device_result, device = _train(_tiny(tmp_path))
+    assert host_result.status == device_result.status == "completed"
+    assert len(_steps(device)) == 8 and _steps(device) == _steps(host)
+    assert set(given[:4]) == {flow.Tensor}  # the first epoch's 4 training batches were indexed on the device
+    notes = [n for e in read_events(device) if isinstance(e, ev.RunStarted) for n in e.notes]
+    assert any(n.startswith("training images copied to the cpu once (") for n in notes), notes

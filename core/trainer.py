@@ -16,7 +16,7 @@ import numpy as np
 
 from core import events as ev
 from core.backend import flow, pick_device, seed_everything
-from core.config import RunConfig, check
+from core.config import RunConfig, check, validate
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batches, load_dataset
 from core.live import LiveRun
@@ -458,15 +458,26 @@ class Trainer:
         if self.dist is not None:
             changes = self.dist.share_changes(changes)
         cfg, new, parts = self.p.cfg, {}, []
+
+        def take(values: Dict[str, Any], said: str) -> None:
+            """Apply `values` unless the settings they make are invalid (config.json must stay
+            readable: a resume and the runs list read it): then say why, in validate's words."""
+            problems = validate(cfg.replace(**new, **values))
+            if problems:
+                parts.append(f"{said} refused: {problems[0]}")
+            else:
+                new.update(values)
+                parts.append(said)
+
         wanted = changes.get("epochs")
         if wanted is not None and wanted != cfg.epochs:
-            new["epochs"] = max(wanted, epoch)
-            parts.append(f"epochs {cfg.epochs} -> {new['epochs']}"
-                         + (" (not fewer than the epochs done)" if new["epochs"] != wanted else ""))
+            epochs = max(wanted, epoch)
+            take({"epochs": epochs}, f"epochs {cfg.epochs} -> {epochs}"
+                 + (" (not fewer than the epochs done)" if epochs != wanted else ""))
         scale = changes.get("lr_scale")
         if scale is not None and scale != 1.0:  # the schedule takes its base rates from the config
-            new.update(lr=cfg.lr * scale, lr_backbone=cfg.lr_backbone * scale)
-            parts.append(f"learning rates x{scale:g} (lr {new['lr']:g})")
+            take({"lr": cfg.lr * scale, "lr_backbone": cfg.lr_backbone * scale},
+                 f"learning rates x{scale:g} (lr {cfg.lr * scale:g})")
         if changes.get("unfreeze") and epoch < new.get("epochs", cfg.epochs):
             if cfg.strategy != "frozen" or self.unfrozen:
                 parts.append("unfreeze: the backbone trains already")

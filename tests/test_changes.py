@@ -114,3 +114,25 @@ def test_unfreeze_now_makes_a_frozen_backbone_train_from_the_next_epoch(tmp_path
     groups = {e.epoch: sorted(e.lrs) for e in events if isinstance(e, ev.StepEnded)}
     assert groups == {1: ["head"], 2: ["backbone", "head"]}
     assert json.loads((run.run_dir / "config.json").read_text())["unfreeze_epoch"] == 2
+
+
+def test_a_change_that_would_make_the_settings_invalid_is_refused_and_the_run_stays_readable(tmp_path):
+    """Fewer epochs than the warmup, learning rates scaled down to 0: each refused at the
+    boundary in validate's words (config.json must stay valid: the runs list and a resume read it)."""
+    box = []
+
+    def ask(event):
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            box[0].change(epochs=1)
+            box[0].change(lr_scale=1e-200)
+            box[0].change(lr_scale=1e-200)  # scales multiply: 1e-400 is 0.0
+
+    run = Local(tiny(tmp_path, warmup_epochs=2.0), listeners=[ask])
+    box.append(run)
+    result = run.run()
+    assert result.status == ev.COMPLETED and result.epochs_done == 2
+    (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
+    assert changed.summary == ("epochs 2 -> 1 refused: warmup_epochs must be between 0 and epochs (1), got 2.0; "
+                               "learning rates x0 (lr 0) refused: lr must be a positive number, got 0.0")
+    record = read_run(run.run_dir)
+    assert not record.unreadable and (record.config.epochs, record.config.lr) == (2, 0.001)

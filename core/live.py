@@ -89,9 +89,13 @@ def identity() -> Dict[str, Any]:
 
 
 def _read_small_json(path: Path) -> Any:
-    """The JSON in a small file, or None (missing, too large, not JSON: untrusted, never raises)."""
+    """The JSON in a small file, or None (missing, not a regular file, too large, not JSON:
+    untrusted, never raises). Opened without blocking: a FIFO put in a file's place would
+    otherwise hang the reader (the heartbeat thread, the runs list) until someone writes to it."""
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             data = f.read(MAX_FILE + 1)
         return None if len(data) > MAX_FILE else json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError):

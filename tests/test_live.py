@@ -425,3 +425,18 @@ def test_stop_that_cannot_write_its_request_is_one_line(tmp_path, capsys, monkey
     assert cli.main(["stop", run.name, "--runs-dir", str(run.parent)]) == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write the request in {run}: Read-only file system"
+
+
+@pytest.mark.parametrize("name", [live.CHANGE_FILE, live.CONTROL_FILE, live.HEARTBEAT_FILE])
+def test_a_fifo_in_place_of_a_run_file_is_not_read_and_never_blocks(tmp_path, name):
+    """change.json, control.json, heartbeat.json are written by anyone: a FIFO there would hang
+    the heartbeat thread (the run then reads as interrupted) or the runs list."""
+    os.mkfifo(tmp_path / name)
+    box = []
+    reader = threading.Thread(target=lambda: box.append(live._read_small_json(tmp_path / name)), daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    blocked = reader.is_alive()
+    if blocked:  # let the blocked open return, so that no thread is left hanging
+        os.close(os.open(tmp_path / name, os.O_WRONLY | os.O_NONBLOCK))
+    assert not blocked and box == [None]

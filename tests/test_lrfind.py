@@ -273,3 +273,30 @@ async def test_finder_errors_are_one_toast_and_the_palette_offers_it(tmp_path):
         notes = list(app._notifications)
         assert len(notes) == 1 and "train/ folder" in notes[0].message
         assert not isinstance(app.screen, LRFindScreen)
+
+
+async def test_the_palette_over_an_open_finder_starts_no_second_sweep(tmp_path, monkeypatch):
+    """ctrl+p works over the finder's screen and offers "LR finder": one sweep at a time."""
+    from tui.app import TransferLabApp
+    from tui.lrfind import LRFindScreen
+
+    started = []
+
+    def waiting_sweep(cfg, cancel=None, **kw):
+        started.append(cfg)
+        cancel.wait(30)
+        return SweepResult((), None, "cancelled", lrfind.CANCELLED, 5, 0.1)
+
+    monkeypatch.setattr(lrfind, "lr_find", waiting_sweep)
+    app = TransferLabApp(app_cfg(tmp_path))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: len(started) == 1)
+        (command,) = [c for c in app.get_system_commands(app.screen) if c.title == "LR finder"]
+        await command.callback()
+        await pilot.pause(0.3)
+        assert [type(s) for s in app.screen_stack].count(LRFindScreen) == 1 and len(started) == 1
+        assert "open already" in list(app._notifications)[-1].message
+        await pilot.press("escape")
+        await pilot.pause()

@@ -18,7 +18,7 @@ from core import events as ev
 from core.backend import flow, pick_device, seed_everything
 from core.config import RunConfig, check, validate
 from core.errors import SetupError
-from core.data import ArrayData, BatchTransform, batches, load_dataset
+from core.data import ArrayData, BatchTransform, batch_count, batches, load_dataset
 from core.live import LiveRun
 from core.distributed import Dist, DistributedError, NullWriter
 from core.models import WeightsError, build_model
@@ -379,7 +379,7 @@ class Trainer:
         # The shared rng orders the data, so it must stay the same on every rank: each rank's
         # flips (as many draws as its share) come from a generator of its own.
         self.flip_rng = self.rng if self.dist is None else np.random.default_rng([cfg.seed, self.dist.rank])
-        self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
+        self.steps_per_epoch = batch_count(len(p.train), cfg.batch_size)
         first_epoch = 1
         try:
             self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -680,6 +680,10 @@ class Trainer:
         before its update, so a finite last loss does not prove finite weights (and NaN weights
         must never be saved)."""
         bad = first_non_finite(self.p.model)
+        if bad is not None and bad.endswith("running_var") and self.p.cfg.batch_size == 1:
+            raise LossNotFinite(f"{bad} holds NaN values {when}: BatchNorm cannot estimate a variance from a "
+                                f"batch of one image at {self.p.cfg.image_size} px; use --batch-size 2 or more "
+                                "(or larger images)")
         if bad is not None:
             raise self._diverged(f"{bad} holds NaN or infinite values {when}")
 

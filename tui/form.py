@@ -17,6 +17,7 @@ from textual.widgets import Button, Header, Input, Label, Select, Static
 from core import config as C
 from core.cli import command_line, launcher_line
 from core.config import STRATEGIES, RunConfig
+from core.data import batch_count
 from core.distributed import DistributedError, Topology, check_batch
 from core.schedule import curve
 from tui.dialogs import PathScreen
@@ -45,7 +46,7 @@ curve over epochs is the same but for the rounding of the warmup to whole steps.
 def lr_curves(cfg: RunConfig) -> Dict[str, Tuple[List[float], List[float]]]:
     """The lr of each param group over the run, in epochs, by core.schedule (as the trainer sets
     it): the head's (or all layers'), and the backbone's where it has its own."""
-    per_epoch = -(-cfg.limit_train // cfg.batch_size) if cfg.limit_train else PREVIEW_STEPS_PER_EPOCH
+    per_epoch = batch_count(cfg.limit_train, cfg.batch_size) if cfg.limit_train else PREVIEW_STEPS_PER_EPOCH
     xs, factors = curve(cfg, per_epoch)
     curves = {"lr": (xs, [cfg.lr * f for f in factors])}
     if cfg.strategy == "discriminative" or (cfg.strategy == "frozen" and cfg.unfreeze_epoch):

@@ -114,10 +114,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def halved(cfg: RunConfig) -> Optional[RunConfig]:
     """The same run with half the batch and the learning rates scaled the same way (the linear
-    scaling rule), or None when the batch is 1 already."""
+    scaling rule: by the ratio of the batches, a third from 3 to 1), or None when the batch is 1 already."""
     if cfg.batch_size < 2:
         return None
-    return replace(cfg, batch_size=cfg.batch_size // 2, lr=cfg.lr / 2, lr_backbone=cfg.lr_backbone / 2)
+    batch = cfg.batch_size // 2
+    ratio = batch / cfg.batch_size
+    return replace(cfg, batch_size=batch, lr=cfg.lr * ratio, lr_backbone=cfg.lr_backbone * ratio)
 
 
 def out_of_memory_message(cfg: RunConfig, device: str) -> str:

@@ -199,14 +199,19 @@ def request_change(run_dir: str | Path, epochs: Optional[int] = None, lr_scale: 
     from core.store import atomic_write_json
 
     path = Path(run_dir) / CHANGE_FILE
-    pending = _read_change(path) or {}
-    if epochs is not None:
-        pending["epochs"] = int(epochs)
-    if lr_scale is not None:
-        pending["lr_scale"] = pending.get("lr_scale", 1.0) * float(lr_scale)
-    if unfreeze:
-        pending["unfreeze"] = True
-    atomic_write_json(path, {**pending, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
+    with _CHANGE_LOCK:  # read, merge, write: two threads at once would lose one's request
+        pending = _read_change(path) or {}
+        if epochs is not None:
+            pending["epochs"] = int(epochs)
+        if lr_scale is not None:
+            pending["lr_scale"] = pending.get("lr_scale", 1.0) * float(lr_scale)
+        if unfreeze:
+            pending["unfreeze"] = True
+        atomic_write_json(path, {**pending, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
+
+
+_CHANGE_LOCK = threading.Lock()
+"""Held while a change request is merged into change.json (the dashboard asks from a thread per key)."""
 
 
 def _read_change(path: Path) -> Optional[Dict[str, Any]]:

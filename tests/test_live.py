@@ -440,3 +440,15 @@ def test_a_fifo_in_place_of_a_run_file_is_not_read_and_never_blocks(tmp_path, na
     if blocked:  # let the blocked open return, so that no thread is left hanging
         os.close(os.open(tmp_path / name, os.O_WRONLY | os.O_NONBLOCK))
     assert not blocked and box == [None]
+
+
+def test_change_requests_from_many_threads_at_once_all_count(tmp_path):
+    """The dashboard asks from a thread per key press: spammed keys must not lose requests (each
+    request reads, merges and rewrites change.json)."""
+    threads = [threading.Thread(target=live.request_change, args=(tmp_path,), kwargs={"lr_scale": 1.5})
+               for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert live._read_change(tmp_path / live.CHANGE_FILE)["lr_scale"] == pytest.approx(1.5 ** 20)

@@ -136,3 +136,23 @@ def test_a_change_that_would_make_the_settings_invalid_is_refused_and_the_run_st
                                "learning rates x0 (lr 0) refused: lr must be a positive number, got 0.0")
     record = read_run(run.run_dir)
     assert not record.unreadable and (record.config.epochs, record.config.lr) == (2, 0.001)
+
+
+async def test_after_a_refused_change_plus_counts_from_the_runs_epochs(tmp_path):
+    """- asks 2 epochs of a run whose warmup lasts 3: refused at the boundary; + then asks 4 (from
+    the run's 3 epochs, not from the 2 asked before)."""
+    from test_tui import start_run, wait_until
+    from tui.app import TransferLabApp
+
+    app = TransferLabApp(tiny(tmp_path, epochs=3, warmup_epochs=3.0, limit_train=96, batch_size=8))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await start_run(pilot, lambda: app.live is not None and app.live.status == "running")
+        dash = app.screen
+        await pilot.press("minus")
+        log = lambda: "".join(line.text for line in dash.query_one("#log").lines)
+        await wait_until(pilot, lambda: "refused" in log(), timeout=300)
+        await pilot.press("plus")
+        await wait_until(pilot, lambda: app.live.status == ev.COMPLETED, timeout=300)
+        assert "asked: 4 epochs from the next epoch boundary" in log()
+    (run,) = [r for r in (tmp_path / "runs").iterdir()]
+    assert read_run(run).summary["epochs_done"] == 4

@@ -214,11 +214,15 @@ _CHANGE_LOCK = threading.Lock()
 """Held while a change request is merged into change.json (the dashboard asks from a thread per key)."""
 
 
-def _read_change(path: Path) -> Optional[Dict[str, Any]]:
+def _read_change(path: Path, since: float = float("-inf")) -> Optional[Dict[str, Any]]:
     """A change request, type-checked (from a file anyone may write): only the known keys with
-    sane values; None when there is none or it makes no sense."""
+    sane values; None when there is none or it makes no sense, or it was made before `since`
+    (left by an earlier life of the folder, as read_request)."""
     data = _read_small_json(path)
     if not isinstance(data, dict):
+        return None
+    requested = data.get("requested")
+    if type(requested) in (int, float) and requested < since:
         return None
     out: Dict[str, Any] = {}
     epochs, scale = data.get("epochs"), data.get("lr_scale")
@@ -316,7 +320,7 @@ class LiveRun:
             os.stat(path)
         except OSError:
             return
-        changes = _read_change(path)
+        changes = _read_change(path, since=self.created)
         try:
             path.unlink()
         except OSError:

@@ -452,3 +452,19 @@ def test_change_requests_from_many_threads_at_once_all_count(tmp_path):
     for thread in threads:
         thread.join()
     assert live._read_change(tmp_path / live.CHANGE_FILE)["lr_scale"] == pytest.approx(1.5 ** 20)
+
+
+def test_a_change_request_left_by_an_earlier_life_of_the_run_is_dropped(tmp_path):
+    """A run killed before its boundary leaves change.json behind: its resume (maybe with
+    --epochs given anew) must not take it up, as it does not take up an old control.json."""
+    from core.trainer import RunControl
+
+    control = RunControl()
+    runner = live.LiveRun(control)
+    runner.run_dir = tmp_path
+    (tmp_path / live.CHANGE_FILE).write_text(json.dumps({"epochs": 1, "requested": runner.created - 60}))
+    runner._poll_change()
+    assert control.take_changes() == {} and not (tmp_path / live.CHANGE_FILE).exists()
+    live.request_change(tmp_path, epochs=7)
+    runner._poll_change()
+    assert control.take_changes() == {"epochs": 7}

@@ -135,6 +135,10 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 2 else text[:limit] + "..."
 
 
+KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a number", str: "text"}
+"""How a message names each kind of value (the same words for typed and for typed-in values)."""
+
+
 def parse_value(name: str, text: str) -> Any:
     """Turn the text a person typed for field `name` into its typed value, or raise ValueError."""
     kind = field_type(name)
@@ -145,7 +149,7 @@ def parse_value(name: str, text: str) -> Any:
             return True
         if low in ("0", "false", "no", "off", "n"):
             return False
-        raise ValueError(f"{name} must be yes or no, got {shown(text)}")
+        raise ValueError(f"{name} must be {KIND_NAMES[bool]}, got {shown(text)}")
     if kind is int:
         try:
             return int(text)
@@ -157,9 +161,6 @@ def parse_value(name: str, text: str) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be a number, got {shown(text)}") from None
     return text
-
-
-KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a number", str: "text"}
 
 
 def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> RunConfig:

@@ -835,3 +835,22 @@ async def test_the_classes_row_validates_as_you_type_and_sizes_the_head(tmp_path
         assert not form.query_one("#row-classes").has_class("-invalid") and form.cfg.classes == "5-9"
         assert "--classes 5-9" in str(form.query_one("#command").render())
         assert f"trainable parameters {512 * 5 + 5:,} of" in str(form.query_one("#params").render())
+
+
+@pytest.mark.parametrize("lr", ["1.7e308", "1e-320"])
+async def test_a_valid_but_extreme_learning_rate_does_not_end_the_app_through_its_preview(tmp_path, lr):
+    """Both are positive finite numbers (valid); plotext cannot scale an axis to them (inf, and
+    ticks that overflow): the preview says so instead of raising in the middle of a repaint."""
+    from tui.plots import LrPlot
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-lr", Input).value = lr
+        await pilot.pause(0.6)
+        assert form.problems == [] and app.is_running
+        assert "cannot plot these values" in str(form.query_one(LrPlot).render())
+        form.query_one("#f-lr", Input).value = "0.01"
+        await pilot.pause(0.6)
+        assert "cannot plot" not in str(form.query_one(LrPlot).render())

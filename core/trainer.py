@@ -480,8 +480,10 @@ class Trainer:
         if scale is not None and scale != 1.0:  # the schedule takes its base rates from the config
             take({"lr": cfg.lr * scale, "lr_backbone": cfg.lr_backbone * scale},
                  f"learning rates x{scale:g} (lr {cfg.lr * scale:g})")
-        if changes.get("unfreeze") and epoch < new.get("epochs", cfg.epochs):
-            if cfg.strategy != "frozen" or self.unfrozen:
+        if changes.get("unfreeze"):
+            if epoch >= new.get("epochs", cfg.epochs):
+                parts.append("unfreeze: no epoch left to train")
+            elif cfg.strategy != "frozen" or self.unfrozen:
                 parts.append("unfreeze: the backbone trains already")
             elif self.dist is not None:
                 parts.append("unfreeze: not with several processes (DDP keeps the parameters it started with)")

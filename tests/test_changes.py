@@ -156,3 +156,18 @@ async def test_after_a_refused_change_plus_counts_from_the_runs_epochs(tmp_path)
         assert "asked: 4 epochs from the next epoch boundary" in log()
     (run,) = [r for r in (tmp_path / "runs").iterdir()]
     assert read_run(run).summary["epochs_done"] == 4
+
+
+def test_unfreeze_asked_during_the_last_epoch_says_there_is_none_left(tmp_path):
+    """The dashboard logs "asked: the backbone unfrozen"; the boundary must answer it."""
+    box = []
+
+    def ask(event):
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            box[0].change(unfreeze=True)
+
+    run = Local(tiny(tmp_path, strategy="frozen", epochs=1), listeners=[ask])
+    box.append(run)
+    assert run.run().status == ev.COMPLETED
+    (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
+    assert changed.summary == "unfreeze: no epoch left to train" and changed.config["unfreeze_epoch"] == 0

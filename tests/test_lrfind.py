@@ -300,3 +300,25 @@ async def test_the_palette_over_an_open_finder_starts_no_second_sweep(tmp_path, 
         assert "open already" in list(app._notifications)[-1].message
         await pilot.press("escape")
         await pilot.pause()
+
+
+def test_the_sweep_measures_the_loss_the_run_trains_on(tiny_cfg):
+    """With label smoothing, the sweep's first loss (before any update: the lr does not matter)
+    is the run's first step's: same weights, batch and flips, and the same (smoothed) loss."""
+    from core import events as ev
+    from core.trainer import train
+
+    cfg = tiny_cfg.replace(label_smoothing=0.5)
+    steps = []
+    train(cfg, listeners=[lambda e: steps.append(e) if isinstance(e, ev.StepEnded) else None])
+    result = lr_find(cfg, steps=2)
+    assert result.points[0].loss == pytest.approx(steps[0].loss, rel=1e-5)
+
+
+def test_the_sweep_keeps_weight_decay_off_batchnorm_and_biases_when_the_run_does(tiny_cfg):
+    """A strong weight decay at a high rate: the second loss shows whether BatchNorm weights and
+    biases decayed in the first update."""
+    cfg = tiny_cfg.replace(weight_decay=0.9)
+    losses = [lr_find(cfg.replace(no_wd_bn_bias=flag), steps=2, start_lr=0.5, end_lr=1.0).points[1].loss
+              for flag in (False, True)]
+    assert abs(losses[0] - losses[1]) > 1e-3, losses

@@ -139,6 +139,16 @@ KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a n
 """How a message names each kind of value (the same words for typed and for typed-in values)."""
 
 
+def value_text(value: Any) -> str:
+    """A setting as a person would type it: a float in its short form (1e-07, 0.0005) unless that
+    rounds it (:g keeps 6 digits; 0.000123456789), then every digit: the form's fields and the
+    commands it shows hold exactly the value that runs."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
 def parse_value(name: str, text: str) -> Any:
     """Turn the text a person typed for field `name` into its typed value, or raise ValueError."""
     kind = field_type(name)

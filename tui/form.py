@@ -64,7 +64,7 @@ def field_widget(name: str, value: Any) -> Any:
         return Select([(c, c) for c in meta["choices"]], value=value, allow_blank=False, compact=True, id=wid)
     if isinstance(value, bool):
         return Select([("yes", True), ("no", False)], value=value, allow_blank=False, compact=True, id=wid)
-    text = f"{value:g}" if isinstance(value, float) else str(value)
+    text = C.value_text(value)
     suggester = SuggestFromList(SUGGESTIONS[name], case_sensitive=False) if name in SUGGESTIONS else None
     return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False,
                  placeholder=PLACEHOLDERS.get(name, ""))
@@ -309,7 +309,7 @@ class FormScreen(Screen):
             widget = self.query_one(f"#f-{name}")
             value = getattr(cfg, name)
             if isinstance(widget, Input):
-                widget.value = f"{value:g}" if isinstance(value, float) else str(value)
+                widget.value = C.value_text(value)
             else:
                 widget.value = value
         if note:
@@ -323,8 +323,8 @@ class FormScreen(Screen):
 
     def set_learning_rates(self, cfg: RunConfig) -> None:
         """Put cfg's lr and lr_backbone in their fields (the LR finder's suggestion)."""
-        self.query_one("#f-lr", Input).value = f"{cfg.lr:g}"
-        self.query_one("#f-lr_backbone", Input).value = f"{cfg.lr_backbone:g}"
+        self.query_one("#f-lr", Input).value = C.value_text(cfg.lr)
+        self.query_one("#f-lr_backbone", Input).value = C.value_text(cfg.lr_backbone)
 
     def action_save_preset(self) -> None:
         if self.problems:

@@ -217,3 +217,5 @@ def test_batches_never_leave_a_single_image_alone_and_cover_every_image_once():
         assert sorted(np.concatenate(got).tolist() if got else []) == list(range(n))
         assert all(len(b) > 1 for b in got) or size == 1 or n == 1, (n, size, [len(b) for b in got])
         assert all(len(b) <= size + 1 for b in got)
+    in_order = list(batches(17, 16, False, np.random.default_rng(0)))  # evaluation: as they come
+    assert [len(b) for b in in_order] == [16, 1]

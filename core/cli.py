@@ -114,7 +114,7 @@ def command_line(cfg: C.RunConfig, detach: bool = False, processes: int = 1) -> 
         if isinstance(value, bool):
             parts.append(flag(name) if value else "--no-" + name.replace("_", "-"))
         else:
-            parts += [flag(name), shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+            parts += [flag(name), shlex.quote(C.value_text(value))]
     if detach:
         parts.append("--detach")
     if processes > 1:

@@ -140,6 +140,20 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit + 2 else text[:limit] + "..."
 
 
+KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a number", str: "text"}
+"""How a message names each kind of value (the same words for typed and for typed-in values)."""
+
+
+def value_text(value: Any) -> str:
+    """A setting as a person would type it: a float in its short form (1e-07, 0.0005) unless that
+    rounds it (:g keeps 6 digits; 0.000123456789), then every digit: the form's fields and the
+    commands it shows hold exactly the value that runs."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
 def parse_value(name: str, text: str) -> Any:
     """Turn the text a person typed for field `name` into its typed value, or raise ValueError."""
     kind = field_type(name)
@@ -150,7 +164,7 @@ def parse_value(name: str, text: str) -> Any:
             return True
         if low in ("0", "false", "no", "off", "n"):
             return False
-        raise ValueError(f"{name} must be yes or no, got {shown(text)}")
+        raise ValueError(f"{name} must be {KIND_NAMES[bool]}, got {shown(text)}")
     if kind is int:
         try:
             return int(text)
@@ -162,9 +176,6 @@ def parse_value(name: str, text: str) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be a number, got {shown(text)}") from None
     return text
-
-
-KIND_NAMES = {bool: "yes or no (true/false)", int: "a whole number", float: "a number", str: "text"}
 
 
 def from_mapping(values: Dict[str, Any], base: Optional[RunConfig] = None) -> RunConfig:

@@ -389,11 +389,22 @@ def load_dataset(name: str, data_root: str, image_size: int, seed: int = 0,
     return train.select(picked), test.select(picked)
 
 
+def batch_count(n: int, batch_size: int) -> int:
+    """How many training batches `batches` makes of `n` images (the steps of an epoch)."""
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
 def batches(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Index arrays covering range(n) in batches (the last one may be smaller)."""
+    """Index arrays covering range(n) in batches (the last one may be smaller). Training batches
+    (shuffled) never end with a single image: it joins the batch before (which then holds
+    batch_size + 1), since BatchNorm in training mode has one value per channel where its maps are
+    1x1 (a ResNet's last stage at 32 px or less) and OneFlow's running variance of one value is
+    NaN, which fails the run. Evaluation batches (in order; BatchNorm in eval mode) need not."""
     order = rng.permutation(n) if shuffle else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+    count = batch_count(n, batch_size) if shuffle else -(-n // batch_size)
+    for i in range(count):
+        yield order[i * batch_size:n if i == count - 1 else (i + 1) * batch_size]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,9 +89,13 @@ def identity() -> Dict[str, Any]:
 
 
 def _read_small_json(path: Path) -> Any:
-    """The JSON in a small file, or None (missing, too large, not JSON: untrusted, never raises)."""
+    """The JSON in a small file, or None (missing, not a regular file, too large, not JSON:
+    untrusted, never raises). Opened without blocking: a FIFO put in a file's place would
+    otherwise hang the reader (the heartbeat thread, the runs list) until someone writes to it."""
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             data = f.read(MAX_FILE + 1)
         return None if len(data) > MAX_FILE else json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -195,21 +199,30 @@ def request_change(run_dir: str | Path, epochs: Optional[int] = None, lr_scale: 
     from core.store import atomic_write_json
 
     path = Path(run_dir) / CHANGE_FILE
-    pending = _read_change(path) or {}
-    if epochs is not None:
-        pending["epochs"] = int(epochs)
-    if lr_scale is not None:
-        pending["lr_scale"] = pending.get("lr_scale", 1.0) * float(lr_scale)
-    if unfreeze:
-        pending["unfreeze"] = True
-    atomic_write_json(path, {**pending, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
+    with _CHANGE_LOCK:  # read, merge, write: two threads at once would lose one's request
+        pending = _read_change(path) or {}
+        if epochs is not None:
+            pending["epochs"] = int(epochs)
+        if lr_scale is not None:
+            pending["lr_scale"] = pending.get("lr_scale", 1.0) * float(lr_scale)
+        if unfreeze:
+            pending["unfreeze"] = True
+        atomic_write_json(path, {**pending, "requested": time.time(), "by": f"{socket.gethostname()}/{os.getpid()}"})
 
 
-def _read_change(path: Path) -> Optional[Dict[str, Any]]:
+_CHANGE_LOCK = threading.Lock()
+"""Held while a change request is merged into change.json (the dashboard asks from a thread per key)."""
+
+
+def _read_change(path: Path, since: float = float("-inf")) -> Optional[Dict[str, Any]]:
     """A change request, type-checked (from a file anyone may write): only the known keys with
-    sane values; None when there is none or it makes no sense."""
+    sane values; None when there is none or it makes no sense, or it was made before `since`
+    (left by an earlier life of the folder, as read_request)."""
     data = _read_small_json(path)
     if not isinstance(data, dict):
+        return None
+    requested = data.get("requested")
+    if type(requested) in (int, float) and requested < since:
         return None
     out: Dict[str, Any] = {}
     epochs, scale = data.get("epochs"), data.get("lr_scale")
@@ -307,7 +320,7 @@ class LiveRun:
             os.stat(path)
         except OSError:
             return
-        changes = _read_change(path)
+        changes = _read_change(path, since=self.created)
         try:
             path.unlink()
         except OSError:

@@ -1,7 +1,8 @@
 """The learning-rate finder: an exponential learning-rate sweep on a copy of the model.
 
-The sweep trains a model built from the run's settings (the same data, strategy, BatchTransform
-and SGD with the config's momentum and weight decay) for at most `steps` batches, one batch per
+The sweep trains a model built from the run's settings (the same data, strategy, BatchTransform,
+training loss (label smoothing) and SGD with the config's momentum and weight decay, BatchNorm and
+biases without it under no_wd_bn_bias) for at most `steps` batches, one batch per
 learning rate, the rate growing by the same factor every step from `start_lr` to `end_lr`
 (Leslie Smith's "LR range test", as fastai's lr_find runs it). It is bounded by the data as well:
 at most one pass over the training set, so every loss is measured on a batch the model has not
@@ -159,8 +160,7 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     from core.backend import flow
     from core.data import BatchTransform, batches
     from core.strategies import build_param_groups, set_train_mode
-    from core.trainer import prepare
-    from oneflow import nn
+    from core.trainer import prepare, training_loss
 
     import numpy as np
 
@@ -171,10 +171,10 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
         p = prepared
         model = copy.deepcopy(p.model)
     cfg = p.cfg
-    groups = build_param_groups(model, cfg.strategy, p.head, cfg.lr, cfg.lr_backbone)
+    groups = build_param_groups(model, cfg.strategy, p.head, cfg.lr, cfg.lr_backbone, cfg.no_wd_bn_bias)
     scale = {g["name"]: float(g["lr"]) / cfg.lr for g in groups}  # backbone: lr_backbone / lr
     optimizer = flow.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss().to(p.device)
+    loss_fn = training_loss(cfg).to(p.device)  # the run's (label smoothing): the curve is of what it trains on
     transform = BatchTransform(flow, p.device, p.train.images.shape[1:3], cfg.image_size, cfg.normalize,
                                cfg.hflip, cfg.vflip)
     rng = np.random.default_rng(cfg.seed)

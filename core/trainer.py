@@ -16,9 +16,9 @@ import numpy as np
 
 from core import events as ev
 from core.backend import flow, gpu_capability, pick_device, seed_everything
-from core.config import RunConfig, check
+from core.config import RunConfig, check, validate
 from core.errors import SetupError
-from core.data import ArrayData, BatchTransform, batches, load_dataset
+from core.data import ArrayData, BatchTransform, batch_count, batches, load_dataset
 from core.features import (CachePlan, FeatureCache, cache_cap, feature_size, megabytes, tail_name,
                            variant_count)
 from core.live import LiveRun
@@ -146,10 +146,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def halved(cfg: RunConfig) -> Optional[RunConfig]:
     """The same run with half the batch and the learning rates scaled the same way (the linear
-    scaling rule), or None when the batch is 1 already."""
+    scaling rule: by the ratio of the batches, a third from 3 to 1), or None when the batch is 1 already."""
     if cfg.batch_size < 2:
         return None
-    return replace(cfg, batch_size=cfg.batch_size // 2, lr=cfg.lr / 2, lr_backbone=cfg.lr_backbone / 2)
+    batch = cfg.batch_size // 2
+    ratio = batch / cfg.batch_size
+    return replace(cfg, batch_size=batch, lr=cfg.lr * ratio, lr_backbone=cfg.lr_backbone * ratio)
 
 
 def out_of_memory_message(cfg: RunConfig, device: str) -> str:
@@ -423,7 +425,7 @@ class Trainer:
         # The shared rng orders the data, so it must stay the same on every rank: each rank's
         # flips (as many draws as its share) come from a generator of its own.
         self.flip_rng = self.rng if self.dist is None else np.random.default_rng([cfg.seed, self.dist.rank])
-        self.steps_per_epoch = math.ceil(len(p.train) / cfg.batch_size)
+        self.steps_per_epoch = batch_count(len(p.train), cfg.batch_size)
         first_epoch = 1
         try:
             self.optimizer = flow.optim.SGD(p.groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -507,17 +509,30 @@ class Trainer:
         if self.dist is not None:
             changes = self.dist.share_changes(changes)
         cfg, new, parts = self.p.cfg, {}, []
+
+        def take(values: Dict[str, Any], said: str) -> None:
+            """Apply `values` unless the settings they make are invalid (config.json must stay
+            readable: a resume and the runs list read it): then say why, in validate's words."""
+            problems = validate(cfg.replace(**new, **values))
+            if problems:
+                parts.append(f"{said} refused: {problems[0]}")
+            else:
+                new.update(values)
+                parts.append(said)
+
         wanted = changes.get("epochs")
         if wanted is not None and wanted != cfg.epochs:
-            new["epochs"] = max(wanted, epoch)
-            parts.append(f"epochs {cfg.epochs} -> {new['epochs']}"
-                         + (" (not fewer than the epochs done)" if new["epochs"] != wanted else ""))
+            epochs = max(wanted, epoch)
+            take({"epochs": epochs}, f"epochs {cfg.epochs} -> {epochs}"
+                 + (" (not fewer than the epochs done)" if epochs != wanted else ""))
         scale = changes.get("lr_scale")
         if scale is not None and scale != 1.0:  # the schedule takes its base rates from the config
-            new.update(lr=cfg.lr * scale, lr_backbone=cfg.lr_backbone * scale)
-            parts.append(f"learning rates x{scale:g} (lr {new['lr']:g})")
-        if changes.get("unfreeze") and epoch < new.get("epochs", cfg.epochs):
-            if cfg.strategy != "frozen" or self.unfrozen:
+            take({"lr": cfg.lr * scale, "lr_backbone": cfg.lr_backbone * scale},
+                 f"learning rates x{scale:g} (lr {cfg.lr * scale:g})")
+        if changes.get("unfreeze"):
+            if epoch >= new.get("epochs", cfg.epochs):
+                parts.append("unfreeze: no epoch left to train")
+            elif cfg.strategy != "frozen" or self.unfrozen:
                 parts.append("unfreeze: the backbone trains already")
             elif self.dist is not None:
                 parts.append("unfreeze: not with several processes (DDP keeps the parameters it started with)")
@@ -776,6 +791,10 @@ class Trainer:
         before its update, so a finite last loss does not prove finite weights (and NaN weights
         must never be saved)."""
         bad = first_non_finite(self.p.model)
+        if bad is not None and bad.endswith("running_var") and self.p.cfg.batch_size == 1:
+            raise LossNotFinite(f"{bad} holds NaN values {when}: BatchNorm cannot estimate a variance from a "
+                                f"batch of one image at {self.p.cfg.image_size} px; use --batch-size 2 or more "
+                                "(or larger images)")
         if bad is not None:
             raise self._diverged(f"{bad} holds NaN or infinite values {when}")
 

@@ -114,3 +114,60 @@ def test_unfreeze_now_makes_a_frozen_backbone_train_from_the_next_epoch(tmp_path
     groups = {e.epoch: sorted(e.lrs) for e in events if isinstance(e, ev.StepEnded)}
     assert groups == {1: ["head"], 2: ["backbone", "head"]}
     assert json.loads((run.run_dir / "config.json").read_text())["unfreeze_epoch"] == 2
+
+
+def test_a_change_that_would_make_the_settings_invalid_is_refused_and_the_run_stays_readable(tmp_path):
+    """Fewer epochs than the warmup, learning rates scaled down to 0: each refused at the
+    boundary in validate's words (config.json must stay valid: the runs list and a resume read it)."""
+    box = []
+
+    def ask(event):
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            box[0].change(epochs=1)
+            box[0].change(lr_scale=1e-200)
+            box[0].change(lr_scale=1e-200)  # scales multiply: 1e-400 is 0.0
+
+    run = Local(tiny(tmp_path, warmup_epochs=2.0), listeners=[ask])
+    box.append(run)
+    result = run.run()
+    assert result.status == ev.COMPLETED and result.epochs_done == 2
+    (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
+    assert changed.summary == ("epochs 2 -> 1 refused: warmup_epochs must be between 0 and epochs (1), got 2.0; "
+                               "learning rates x0 (lr 0) refused: lr must be a positive number, got 0.0")
+    record = read_run(run.run_dir)
+    assert not record.unreadable and (record.config.epochs, record.config.lr) == (2, 0.001)
+
+
+async def test_after_a_refused_change_plus_counts_from_the_runs_epochs(tmp_path):
+    """- asks 2 epochs of a run whose warmup lasts 3: refused at the boundary; + then asks 4 (from
+    the run's 3 epochs, not from the 2 asked before)."""
+    from test_tui import start_run, wait_until
+    from tui.app import TransferLabApp
+
+    app = TransferLabApp(tiny(tmp_path, epochs=3, warmup_epochs=3.0, limit_train=96, batch_size=8))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await start_run(pilot, lambda: app.live is not None and app.live.status == "running")
+        dash = app.screen
+        await pilot.press("minus")
+        log = lambda: "".join(line.text for line in dash.query_one("#log").lines)
+        await wait_until(pilot, lambda: "refused" in log(), timeout=300)
+        await pilot.press("plus")
+        await wait_until(pilot, lambda: app.live.status == ev.COMPLETED, timeout=300)
+        assert "asked: 4 epochs from the next epoch boundary" in log()
+    (run,) = [r for r in (tmp_path / "runs").iterdir()]
+    assert read_run(run).summary["epochs_done"] == 4
+
+
+def test_unfreeze_asked_during_the_last_epoch_says_there_is_none_left(tmp_path):
+    """The dashboard logs "asked: the backbone unfrozen"; the boundary must answer it."""
+    box = []
+
+    def ask(event):
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            box[0].change(unfreeze=True)
+
+    run = Local(tiny(tmp_path, strategy="frozen", epochs=1), listeners=[ask])
+    box.append(run)
+    assert run.run().status == ev.COMPLETED
+    (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
+    assert changed.summary == "unfreeze: no epoch left to train" and changed.config["unfreeze_epoch"] == 0

@@ -96,3 +96,11 @@ def test_bad_classes_get_one_line_each(text, problem):
 def test_classes_go_through_files_and_text(tmp_path):
     cfg = C.from_mapping({"classes": "5-9", "dataset": "digits"})
     assert cfg.classes == "5-9" and C.load(C.save(cfg, tmp_path / "p.toml")) == cfg
+
+
+@pytest.mark.parametrize("value", [1, "maybe", [True]])
+def test_a_bad_yes_or_no_is_refused_in_the_same_words_typed_or_written(value):
+    """A preset's `no_wd_bn_bias = 1` and a typed-in "maybe" get the same sentence."""
+    with pytest.raises(C.ConfigError) as err:
+        C.from_mapping({"no_wd_bn_bias": value})
+    assert err.value.problems == [f"no_wd_bn_bias must be yes or no (true/false), got {C.shown(value)}"]

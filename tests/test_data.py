@@ -206,3 +206,16 @@ def test_unknown_classes_are_one_line_listing_what_exists(dataset, classes, mess
     with pytest.raises(D.DataError) as info:
         D.load_dataset(dataset, "unused", 8, classes=classes)
     assert str(info.value) == message
+
+
+def test_batches_never_leave_a_single_image_alone_and_cover_every_image_once():
+    from core.data import batch_count, batches
+
+    for n, size in [(17, 16), (33, 16), (32, 16), (1, 16), (0, 4), (5, 1), (2, 1), (65, 64), (3, 2)]:
+        got = list(batches(n, size, True, np.random.default_rng(0)))
+        assert len(got) == batch_count(n, size)
+        assert sorted(np.concatenate(got).tolist() if got else []) == list(range(n))
+        assert all(len(b) > 1 for b in got) or size == 1 or n == 1, (n, size, [len(b) for b in got])
+        assert all(len(b) <= size + 1 for b in got)
+    in_order = list(batches(17, 16, False, np.random.default_rng(0)))  # evaluation: as they come
+    assert [len(b) for b in in_order] == [16, 1]

@@ -1,8 +1,9 @@
 """`transferlab train --nproc-per-node 2`: OneFlow's launcher + DDP on the CPU over loopback.
 
-The data sizes are chosen so that the last global batch of both the training and the test set
-holds a single image (33 = 2 x 16 + 1): one rank then has no image of its own in that batch
-(the weight-0 path of core.distributed.Dist.shard)."""
+The data sizes are chosen so that the last global batch of the test set holds a single image
+(33 = 2 x 16 + 1): one rank then has no image of its own in that batch (the weight-0 path of
+core.distributed.Dist.shard). In the training set that image joins the batch before (core.data.batches):
+2 global batches of 16 and 17 images, the second split unevenly (9 and 8)."""
 import json
 import os
 import signal
@@ -61,7 +62,7 @@ def test_two_processes_complete_one_run_folder_with_the_global_step_count(ddp_ru
     assert not [p for p in runs_dir.iterdir() if p.name.startswith(".launch")]  # launch files tidied
     recs = records(run)
     steps = [r for r in recs if r["event"] == "StepEnded"]
-    assert recs[0]["steps_per_epoch"] == 3 == len(steps)  # ceil(33 / 16): the global batch
+    assert recs[0]["steps_per_epoch"] == 2 == len(steps)  # 16 + 17 images: the global batch
     # frozen: the feature cache is for one process; each rank recomputes, and the log says so
     assert [n for n in recs[0]["notes"] if "frozen backbone" in n] == [
         "frozen backbone: its features are recomputed at every step (the feature cache works in a single "
@@ -103,7 +104,7 @@ def test_test_accuracy_counts_every_test_image_once(ddp_run):
 
 def test_weights_and_losses_equal_a_single_process_on_the_same_global_batches(ddp_run, tmp_path):
     """Frozen strategy, no flips: each step of 2 ranks must equal one step of 1 process on the
-    same global batch (the last one of a single image included)."""
+    same global batch (the last one of 17 images, split unevenly, included)."""
     from core.cli import main
     from core.weights import load_checkpoint
 

@@ -425,3 +425,46 @@ def test_stop_that_cannot_write_its_request_is_one_line(tmp_path, capsys, monkey
     assert cli.main(["stop", run.name, "--runs-dir", str(run.parent)]) == cli.EXIT_FAILED
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write the request in {run}: Read-only file system"
+
+
+@pytest.mark.parametrize("name", [live.CHANGE_FILE, live.CONTROL_FILE, live.HEARTBEAT_FILE])
+def test_a_fifo_in_place_of_a_run_file_is_not_read_and_never_blocks(tmp_path, name):
+    """change.json, control.json, heartbeat.json are written by anyone: a FIFO there would hang
+    the heartbeat thread (the run then reads as interrupted) or the runs list."""
+    os.mkfifo(tmp_path / name)
+    box = []
+    reader = threading.Thread(target=lambda: box.append(live._read_small_json(tmp_path / name)), daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    blocked = reader.is_alive()
+    if blocked:  # let the blocked open return, so that no thread is left hanging
+        os.close(os.open(tmp_path / name, os.O_WRONLY | os.O_NONBLOCK))
+    assert not blocked and box == [None]
+
+
+def test_change_requests_from_many_threads_at_once_all_count(tmp_path):
+    """The dashboard asks from a thread per key press: spammed keys must not lose requests (each
+    request reads, merges and rewrites change.json)."""
+    threads = [threading.Thread(target=live.request_change, args=(tmp_path,), kwargs={"lr_scale": 1.5})
+               for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert live._read_change(tmp_path / live.CHANGE_FILE)["lr_scale"] == pytest.approx(1.5 ** 20)
+
+
+def test_a_change_request_left_by_an_earlier_life_of_the_run_is_dropped(tmp_path):
+    """A run killed before its boundary leaves change.json behind: its resume (maybe with
+    --epochs given anew) must not take it up, as it does not take up an old control.json."""
+    from core.trainer import RunControl
+
+    control = RunControl()
+    runner = live.LiveRun(control)
+    runner.run_dir = tmp_path
+    (tmp_path / live.CHANGE_FILE).write_text(json.dumps({"epochs": 1, "requested": runner.created - 60}))
+    runner._poll_change()
+    assert control.take_changes() == {} and not (tmp_path / live.CHANGE_FILE).exists()
+    live.request_change(tmp_path, epochs=7)
+    runner._poll_change()
+    assert control.take_changes() == {"epochs": 7}

@@ -273,3 +273,52 @@ async def test_finder_errors_are_one_toast_and_the_palette_offers_it(tmp_path):
         notes = list(app._notifications)
         assert len(notes) == 1 and "train/ folder" in notes[0].message
         assert not isinstance(app.screen, LRFindScreen)
+
+
+async def test_the_palette_over_an_open_finder_starts_no_second_sweep(tmp_path, monkeypatch):
+    """ctrl+p works over the finder's screen and offers "LR finder": one sweep at a time."""
+    from tui.app import TransferLabApp
+    from tui.lrfind import LRFindScreen
+
+    started = []
+
+    def waiting_sweep(cfg, cancel=None, **kw):
+        started.append(cfg)
+        cancel.wait(30)
+        return SweepResult((), None, "cancelled", lrfind.CANCELLED, 5, 0.1)
+
+    monkeypatch.setattr(lrfind, "lr_find", waiting_sweep)
+    app = TransferLabApp(app_cfg(tmp_path))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: len(started) == 1)
+        (command,) = [c for c in app.get_system_commands(app.screen) if c.title == "LR finder"]
+        await command.callback()
+        await pilot.pause(0.3)
+        assert [type(s) for s in app.screen_stack].count(LRFindScreen) == 1 and len(started) == 1
+        assert "open already" in list(app._notifications)[-1].message
+        await pilot.press("escape")
+        await pilot.pause()
+
+
+def test_the_sweep_measures_the_loss_the_run_trains_on(tiny_cfg):
+    """With label smoothing, the sweep's first loss (before any update: the lr does not matter)
+    is the run's first step's: same weights, batch and flips, and the same (smoothed) loss."""
+    from core import events as ev
+    from core.trainer import train
+
+    cfg = tiny_cfg.replace(label_smoothing=0.5)
+    steps = []
+    train(cfg, listeners=[lambda e: steps.append(e) if isinstance(e, ev.StepEnded) else None])
+    result = lr_find(cfg, steps=2)
+    assert result.points[0].loss == pytest.approx(steps[0].loss, rel=1e-5)
+
+
+def test_the_sweep_keeps_weight_decay_off_batchnorm_and_biases_when_the_run_does(tiny_cfg):
+    """A strong weight decay at a high rate: the second loss shows whether BatchNorm weights and
+    biases decayed in the first update."""
+    cfg = tiny_cfg.replace(weight_decay=0.9)
+    losses = [lr_find(cfg.replace(no_wd_bn_bias=flag), steps=2, start_lr=0.5, end_lr=1.0).points[1].loss
+              for flag in (False, True)]
+    assert abs(losses[0] - losses[1]) > 1e-3, losses

@@ -77,3 +77,14 @@ def test_other_failures_offer_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(core.trainer.Trainer, "_train_epoch", epoch)
     assert cli.main(["train", *TINY, "--runs-dir", str(tmp_path / "runs")]) == cli.EXIT_FAILED
     assert "half the batch" not in capsys.readouterr().err
+
+
+def test_half_of_an_odd_batch_scales_the_learning_rates_by_the_batches_ratio(tiny_cfg):
+    """The linear scaling rule: 3 -> 1 images per step is a third of the learning rate, not half."""
+    from core.trainer import halved
+
+    smaller = halved(tiny_cfg.replace(batch_size=3, lr=0.03, lr_backbone=0.003))
+    assert smaller.batch_size == 1
+    assert smaller.lr == pytest.approx(0.01) and smaller.lr_backbone == pytest.approx(0.001)
+    assert halved(tiny_cfg.replace(batch_size=64, lr=0.01)).lr == pytest.approx(0.005)
+    assert halved(tiny_cfg.replace(batch_size=1)) is None

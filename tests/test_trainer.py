@@ -247,3 +247,21 @@ def test_transfer_from_a_class_subset_checkpoint_loads_the_backbone_and_a_fresh_
         if k == 5:  # ...not the checkpoint's, though it has the same shape
             assert not np.allclose(p.model.fc.weight.numpy(), saved["fc.weight"].numpy())
         assert any(f"backbone loaded from {best}; its head is not: a new fc for {k} classes" in n for n in p.notes)
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before(tiny_cfg):
+    """17 images in batches of 16: a batch of one image alone would make BatchNorm's running
+    variance NaN (its 1x1 maps at 16 px hold one value per channel) and fail the run."""
+    finished = train(tiny_cfg.replace(limit_train=17))
+    assert finished.status == ev.COMPLETED, finished.message
+    (run,) = list_runs(tiny_cfg.runs_dir)
+    events = read_events(run.path)
+    (started,) = [e for e in events if isinstance(e, ev.RunStarted)]
+    assert started.steps_per_epoch == 1 and [e.step for e in events if isinstance(e, ev.StepEnded)] == [1]
+
+
+def test_a_batch_size_of_one_at_small_images_says_what_to_change(tiny_cfg):
+    finished = train(tiny_cfg.replace(batch_size=1, limit_train=2))
+    assert finished.status == ev.FAILED
+    assert "BatchNorm cannot estimate a variance from a batch of one image at 16 px" in finished.message
+    assert "--batch-size 2 or more" in finished.message

@@ -835,3 +835,39 @@ async def test_the_classes_row_validates_as_you_type_and_sizes_the_head(tmp_path
         assert not form.query_one("#row-classes").has_class("-invalid") and form.cfg.classes == "5-9"
         assert "--classes 5-9" in str(form.query_one("#command").render())
         assert f"trainable parameters {512 * 5 + 5:,} of" in str(form.query_one("#params").render())
+
+
+@pytest.mark.parametrize("lr", ["1.7e308", "1e-320"])
+async def test_a_valid_but_extreme_learning_rate_does_not_end_the_app_through_its_preview(tmp_path, lr):
+    """Both are positive finite numbers (valid); plotext cannot scale an axis to them (inf, and
+    ticks that overflow): the preview says so instead of raising in the middle of a repaint."""
+    from tui.plots import LrPlot
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        form.query_one("#f-lr", Input).value = lr
+        await pilot.pause(0.6)
+        assert form.problems == [] and app.is_running
+        assert "cannot plot these values" in str(form.query_one(LrPlot).render())
+        form.query_one("#f-lr", Input).value = "0.01"
+        await pilot.pause(0.6)
+        assert "cannot plot" not in str(form.query_one(LrPlot).render())
+
+
+async def test_the_form_holds_every_digit_of_a_setting_it_is_given(tmp_path):
+    """A preset's or a flag's lr of 0.000123456789 (or warmup 0.1234567) once showed, and ran, as
+    0.000123457 (:g keeps 6 digits); the command shown must run the same values too."""
+    from core.cli import command_line
+
+    given = tiny(tmp_path, lr=0.000123456789, warmup_epochs=0.1234567, epochs=2)
+    app = TransferLabApp(given)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        form = app.screen
+        assert form.cfg == given and form.query_one("#f-lr", Input).value == "0.000123456789"
+        form.load_config(given.replace(lr_backbone=1 / 3))
+        await pilot.pause()
+        assert form.cfg.lr_backbone == 1 / 3
+        assert "--lr 0.000123456789 " in command_line(form.cfg)

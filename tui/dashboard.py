@@ -342,6 +342,7 @@ class DashboardScreen(Screen):
         elif isinstance(event, ev.SettingsChanged):
             self.cfg = from_mapping(event.config)
             self.epochs = self.cfg.epochs
+            self.asked_epochs = 0  # taken (or refused): + / - count from the run's epochs again
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs)
             self.log_line(f"[b]after epoch {event.epoch}[/b]: {escape(event.summary)}")
         elif isinstance(event, ev.CheckpointSaved):

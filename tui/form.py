@@ -17,6 +17,7 @@ from textual.widgets import Button, Header, Input, Label, Select, Static
 from core import config as C
 from core.cli import command_line, launcher_line
 from core.config import STRATEGIES, RunConfig
+from core.data import batch_count
 from core.distributed import DistributedError, Topology, check_batch
 from core.schedule import curve
 from tui.dialogs import PathScreen
@@ -45,7 +46,7 @@ curve over epochs is the same but for the rounding of the warmup to whole steps.
 def lr_curves(cfg: RunConfig) -> Dict[str, Tuple[List[float], List[float]]]:
     """The lr of each param group over the run, in epochs, by core.schedule (as the trainer sets
     it): the head's (or all layers'), and the backbone's where it has its own."""
-    per_epoch = -(-cfg.limit_train // cfg.batch_size) if cfg.limit_train else PREVIEW_STEPS_PER_EPOCH
+    per_epoch = batch_count(cfg.limit_train, cfg.batch_size) if cfg.limit_train else PREVIEW_STEPS_PER_EPOCH
     xs, factors = curve(cfg, per_epoch)
     curves = {"lr": (xs, [cfg.lr * f for f in factors])}
     if cfg.strategy == "discriminative" or (cfg.strategy == "frozen" and cfg.unfreeze_epoch):
@@ -63,7 +64,7 @@ def field_widget(name: str, value: Any) -> Any:
         return Select([(c, c) for c in meta["choices"]], value=value, allow_blank=False, compact=True, id=wid)
     if isinstance(value, bool):
         return Select([("yes", True), ("no", False)], value=value, allow_blank=False, compact=True, id=wid)
-    text = f"{value:g}" if isinstance(value, float) else str(value)
+    text = C.value_text(value)
     suggester = SuggestFromList(SUGGESTIONS[name], case_sensitive=False) if name in SUGGESTIONS else None
     return Input(text, compact=True, id=wid, suggester=suggester, select_on_focus=False,
                  placeholder=PLACEHOLDERS.get(name, ""))
@@ -304,7 +305,7 @@ class FormScreen(Screen):
             widget = self.query_one(f"#f-{name}")
             value = getattr(cfg, name)
             if isinstance(widget, Input):
-                widget.value = f"{value:g}" if isinstance(value, float) else str(value)
+                widget.value = C.value_text(value)
             else:
                 widget.value = value
         if note:
@@ -318,8 +319,8 @@ class FormScreen(Screen):
 
     def set_learning_rates(self, cfg: RunConfig) -> None:
         """Put cfg's lr and lr_backbone in their fields (the LR finder's suggestion)."""
-        self.query_one("#f-lr", Input).value = f"{cfg.lr:g}"
-        self.query_one("#f-lr_backbone", Input).value = f"{cfg.lr_backbone:g}"
+        self.query_one("#f-lr", Input).value = C.value_text(cfg.lr)
+        self.query_one("#f-lr_backbone", Input).value = C.value_text(cfg.lr_backbone)
 
     def action_save_preset(self) -> None:
         if self.problems:

@@ -145,6 +145,9 @@ def open_lr_finder(form: Any) -> None:
     """The form's LR finder (ctrl+l, "LR finder" in the palette): sweep with the form's settings
     and, on enter / u, put the suggestion in its learning-rate field (for discriminative the
     head's, with the backbone's scaled to keep the ratio)."""
+    if any(isinstance(screen, LRFindScreen) for screen in form.app.screen_stack):
+        form.notify("The LR finder is open already: one sweep at a time.", severity="warning")
+        return  # (the palette reaches here over an open finder: a second sweep would share the cores)
     form.revalidate()
     cfg = form.valid_config()
     if cfg is None:

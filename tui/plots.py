@@ -124,10 +124,15 @@ class TimedPlot(PlotextPlot):
         return self._cache[1]
 
     def build_text(self) -> Text:
-        """PlotextPlot.render (size, theme, build) without the detour through an ANSI string."""
+        """PlotextPlot.render (size, theme, build) without the detour through an ANSI string.
+        Values plotext cannot scale (an lr of 1.7e308, whose axis ends at inf; one of 1e-320,
+        whose ticks overflow) get a line instead of a figure: an exception here would end the app."""
         width, height = self.size
         theme = self._get_plotext_theme_name(self.app.theme)  # textual-plotext's own mapping
-        return matrix_text(build_plotext_matrix(self.plt, width, height, theme))
+        try:
+            return matrix_text(build_plotext_matrix(self.plt, width, height, theme))
+        except (ArithmeticError, ValueError):
+            return Text(f"{self.title}: cannot plot these values (too large or too small to scale)")
 
     def on_mount(self) -> None:
         super().on_mount()

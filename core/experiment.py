@@ -332,7 +332,11 @@ def find(runs_dir: str | Path, ref: str) -> Experiment:
     if not str(ref).strip():
         raise ExperimentError("name the experiment to continue (its id, or a unique part of one)")
     as_path = Path(ref).expanduser()
-    if (as_path / FILE).exists():
+    try:
+        is_folder = (as_path / FILE).exists()
+    except OSError:  # a name too long for a path, and the like: it can only be a part of an id
+        is_folder = False
+    if is_folder:
         try:
             inside = as_path.resolve().parent == root.resolve()
         except OSError:

@@ -1116,8 +1116,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from core.errors import SetupError
     from core.store import error_reason
 
-    if not (args.csv or args.safetensors or args.onnx):
+    outputs = [p for p in (args.csv, args.safetensors, args.onnx) if p]
+    if not outputs:
         raise UsageError(["export needs at least one of --csv PATH, --safetensors PATH, --onnx PATH"])
+    for path in outputs:  # before the work (an ONNX export takes a while): the usual mistakes
+        if Path(path).is_dir():
+            raise UsageError([f"{path} is a folder: give the path of the file to write"])
+        if not Path(path).absolute().parent.is_dir():
+            raise UsageError([f"cannot write {path}: no folder {Path(path).absolute().parent}"])
     run_dir = _run_arg(args)
     console, err = _console(), _console(stderr=True)
     target = ""

@@ -206,6 +206,11 @@ def test_export_needs_an_output_and_a_run(run_dir, tmp_path, capsys):
     assert "at least one of --csv" in capsys.readouterr().err
     assert main(["export", "no-such-run", "--runs-dir", str(run_dir.parent), "--csv", str(tmp_path / "m.csv")]) == 2
     assert len(error_lines(capsys.readouterr().err)) == 1 and not (tmp_path / "m.csv").exists()
+    # a folder, or a file in no folder, is refused before the (long) work
+    assert main(["export", str(run_dir), "--onnx", str(tmp_path)]) == 2
+    assert main(["export", str(run_dir), "--safetensors", str(tmp_path / "no" / "m.safetensors")]) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert "is a folder" in errors[0] and "no folder" in errors[1] and len(errors) == 2
 
 
 @pytest.mark.parametrize("argv", [["train", "--resume", "R"], ["stop", "R"], ["attach", "R"], ["compare", "R"],

@@ -1079,8 +1079,8 @@ def add_export_parsers(sub: Any) -> None:
     export = sub.add_parser("export", help="a run's metrics as CSV, its model as safetensors or ONNX",
                             description="Write a run's metrics as CSV and/or its trained model as a safetensors "
                             "file (weights; class names, backbone, image size, normalisation and run id in its "
-                            "metadata) or an ONNX file (checked against OneFlow on the run's test images with "
-                            "ONNX Runtime). At least one of --csv, --safetensors, --onnx.")
+                            "metadata) or an ONNX file (the same metadata; checked against OneFlow on the run's test "
+                            "images with ONNX Runtime). At least one of --csv, --safetensors, --onnx.")
     export.add_argument("run", metavar="RUN", help=RUN_HELP)
     export.add_argument("--csv", metavar="PATH", help="the metrics: a row per step and per epoch")
     export.add_argument("--safetensors", metavar="PATH", help="the model's weights with what is needed to use them")
@@ -1120,10 +1120,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not outputs:
         raise UsageError(["export needs at least one of --csv PATH, --safetensors PATH, --onnx PATH"])
     for path in outputs:  # before the work (an ONNX export takes a while): the usual mistakes
-        if Path(path).is_dir():
-            raise UsageError([f"{path} is a folder: give the path of the file to write"])
-        if not Path(path).absolute().parent.is_dir():
-            raise UsageError([f"cannot write {path}: no folder {Path(path).absolute().parent}"])
+        try:
+            folder, is_dir = Path(path).absolute().parent, Path(path).is_dir()
+            if is_dir:
+                raise UsageError([f"{path} is a folder: give the path of the file to write"])
+            if not folder.is_dir():
+                raise UsageError([f"cannot write {path}: no folder {folder}"])
+        except (OSError, ValueError) as exc:  # a name too long, a NUL in it
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError([f"cannot write there ({reason}): {path}"]) from None
     run_dir = _run_arg(args)
     console, err = _console(), _console(stderr=True)
     target = ""

@@ -215,6 +215,16 @@ def check_batch(run: RunModel, count: int = ONNX_CHECK_IMAGES) -> Tuple[np.ndarr
         return x, f"{count} random inputs (the run's test data: {exc.lines()[0]})"
 
 
+def _describe_onnx(path: Path, metadata: Dict[str, str]) -> None:
+    """Put the same metadata as the safetensors file's (class names, preprocessing, run id) into
+    the ONNX file's metadata_props (ONNX Runtime: session.get_modelmeta().custom_metadata_map)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, metadata)
+    onnx.save(model, str(path))
+
+
 def onnx_tolerance(expected: np.ndarray, atol: float = ONNX_ATOL, rtol: float = ONNX_RTOL) -> float:
     return atol + rtol * float(np.max(np.abs(expected)))
 
@@ -254,6 +264,7 @@ def export_onnx(run: RunModel, path: Union[str, Path], atol: float = ONNX_ATOL, 
         flow.save(graph.state_dict(), str(weights))
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
             util.export_onnx_model(graph, flow_weight_dir=str(weights), onnx_model_path=str(work / "model.onnx"))
+        _describe_onnx(work / "model.onnx", weights_metadata(run))
         session = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         got = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])

@@ -110,6 +110,8 @@ def test_onnx_output_equals_oneflow_within_the_tolerance(run_dir, tmp_path, caps
     x = run.transform(images.shape[1:3])(images, False, None).numpy()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [1, 3, 16, 16]
+    described = session.get_modelmeta().custom_metadata_map
+    assert json.loads(described["classes"]) == run.classes and described["image_size"] == "16"
     got = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(5)])
     assert got.shape == (5, 10)
     assert np.max(np.abs(got - expected)) <= X.onnx_tolerance(expected)
@@ -211,6 +213,8 @@ def test_export_needs_an_output_and_a_run(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--safetensors", str(tmp_path / "no" / "m.safetensors")]) == 2
     errors = error_lines(capsys.readouterr().err)
     assert "is a folder" in errors[0] and "no folder" in errors[1] and len(errors) == 2
+    assert main(["export", str(run_dir), "--csv", str(tmp_path / ("x" * 300))]) == 2
+    assert "File name too long" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["train", "--resume", "R"], ["stop", "R"], ["attach", "R"], ["compare", "R"],

@@ -1,4 +1,5 @@
-"""The headless command line: `transferlab train | experiment | lr-find | runs | compare | stop | attach | tui`.
+"""The headless command line: `transferlab train | experiment | lr-find | runs | compare | stop | attach | export |
+predict | tui`.
 
 Flags are built from the RunConfig fields (core.config), like the TUI's form. Invalid flags or
 values print one line per problem and exit with code 2; no traceback reaches the user.
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--wait", type=_seconds, default=STOP_WAIT_SECONDS, metavar="SECONDS",
                       help=f"how long to wait for the run to end (default: {STOP_WAIT_SECONDS:g})")
     stop.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    add_export_parsers(sub)
     return parser
 
 
@@ -244,6 +246,10 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return cmd_stop(args.runs_dir, args.run, "abort" if args.abort else "stop", args.wait)
         if args.command == "experiment":
             return cmd_experiment(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "predict":
+            return cmd_predict(args)
         if args.command == "train" and args.resume is not None:
             if args.nproc_per_node or args.nnodes:
                 raise UsageError(["--resume continues a run in one process: --nproc-per-node/--nnodes "
@@ -1060,6 +1066,122 @@ def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
     line = f"run {run.run_id} {status} after {time.monotonic() - asked:.1f} s" + (f": {message}" if message else "")
     console.print(line, style=ev.STATUS_COLOURS.get(status, "red"), markup=False)
     return EXIT_OK if status == wanted else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# export, predict
+
+
+RUN_HELP = "run id, a unique part of one, or the run's folder"
+
+
+def add_export_parsers(sub: Any) -> None:
+    export = sub.add_parser("export", help="a run's metrics as CSV, its model as safetensors or ONNX",
+                            description="Write a run's metrics as CSV and/or its trained model as a safetensors "
+                            "file (weights; class names, backbone, image size, normalisation and run id in its "
+                            "metadata) or an ONNX file (the same metadata; checked against OneFlow on the run's test "
+                            "images with ONNX Runtime). At least one of --csv, --safetensors, --onnx.")
+    export.add_argument("run", metavar="RUN", help=RUN_HELP)
+    export.add_argument("--csv", metavar="PATH", help="the metrics: a row per step and per epoch")
+    export.add_argument("--safetensors", metavar="PATH", help="the model's weights with what is needed to use them")
+    export.add_argument("--onnx", metavar="PATH", help="the model as ONNX: input one image, (1, 3, S, S) float32 at the run's "
+                        "image size S, normalised as in the safetensors metadata; output (1, classes) logits")
+    export.add_argument("--checkpoint", choices=("best", "last"),
+                        help="which checkpoint (default: best when the run has one, else last)")
+    export.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    predict = sub.add_parser("predict", help="classify image files with a run's model",
+                             description="The top classes of each image, with probabilities, using the run's "
+                             "preprocessing (its image size and normalisation). A file that is not a readable "
+                             "image gets one line; the others are still predicted (exit 1 if any failed).")
+    predict.add_argument("run", metavar="RUN", help=RUN_HELP)
+    predict.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG...)")
+    predict.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
+    predict.add_argument("--checkpoint", choices=("best", "last"),
+                         help="which checkpoint (default: best when the run has one, else last)")
+    predict.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+
+
+def _run_arg(args: argparse.Namespace) -> Path:
+    from core.store import find_run
+
+    try:
+        return find_run(args.runs_dir, args.run)
+    except LookupError as exc:
+        raise UsageError([str(exc)]) from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Each output asked for, in the order CSV, safetensors, ONNX; a path printed per file written."""
+    from core import export as X
+    from core.errors import SetupError
+    from core.store import error_reason
+
+    outputs = [p for p in (args.csv, args.safetensors, args.onnx) if p]
+    if not outputs:
+        raise UsageError(["export needs at least one of --csv PATH, --safetensors PATH, --onnx PATH"])
+    for path in outputs:  # before the work (an ONNX export takes a while): the usual mistakes
+        try:
+            folder, is_dir = Path(path).absolute().parent, Path(path).is_dir()
+            if is_dir:
+                raise UsageError([f"{path} is a folder: give the path of the file to write"])
+            if not folder.is_dir():
+                raise UsageError([f"cannot write {path}: no folder {folder}"])
+        except (OSError, ValueError) as exc:  # a name too long, a NUL in it
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError([f"cannot write there ({reason}): {path}"]) from None
+    run_dir = _run_arg(args)
+    console, err = _console(), _console(stderr=True)
+    target = ""
+    try:
+        if args.csv:
+            target = args.csv
+            rows = X.write_metrics_csv(run_dir, args.csv)
+            console.print(f"metrics: {rows} rows -> {args.csv}", markup=False)
+        if args.safetensors or args.onnx:
+            target = ""
+            run = X.load_run_model(run_dir, args.checkpoint)
+            if args.safetensors:
+                target = args.safetensors
+                X.export_safetensors(run, args.safetensors)
+                console.print(f"weights ({run.checkpoint} checkpoint) -> {args.safetensors}", markup=False)
+            if args.onnx:
+                target = args.onnx
+                check = X.export_onnx(run, args.onnx)
+                console.print(f"ONNX ({run.checkpoint} checkpoint) -> {args.onnx}: checked on {check.source}, "
+                              f"max abs difference {check.max_abs_diff:.2g} (tolerance {check.tolerance:.2g} = "
+                              f"{X.ONNX_ATOL:g} + {X.ONNX_RTOL:g} x the largest |logit|), "
+                              f"{check.seconds:.1f} s", markup=False)
+    except SetupError as exc:
+        print_setup_error(err, exc)
+        return EXIT_FAILED
+    except OSError as exc:
+        err.print(f"error: cannot write {target}: {error_reason(exc)}", markup=False)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from core import export as X
+    from core.errors import SetupError
+
+    if args.top_k < 1:
+        raise UsageError(["--top-k must be 1 or more"])
+    run_dir = _run_arg(args)
+    console, err = _console(), _console(stderr=True)
+    try:
+        run = X.load_run_model(run_dir, args.checkpoint)
+    except SetupError as exc:
+        print_setup_error(err, exc)
+        return EXIT_FAILED
+    failed = 0
+    for p in X.predict(run, args.images, args.top_k):
+        if p.error:
+            failed += 1
+            err.print(f"error: {printable(p.error)}", markup=False)
+        else:
+            top = ", ".join(f"{printable(name, 40)} {prob:.3f}" for name, prob in p.top)
+            console.print(f"{printable(p.path)}: {top}", markup=False)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -292,16 +292,19 @@ def cifar10_present(root: str | Path) -> bool:
     return (root / CIFAR10_FOLDER / "test_batch").exists() or (root / "cifar-10-python.tar.gz").exists()
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """One image as `size` x `size` RGB uint8. Images over PIL's decompression-bomb limit (its
-    warning as well as its error) and anything PIL cannot decode give one DataError line."""
+def read_image(path: Path, size: Optional[int]) -> np.ndarray:
+    """One image as `size` x `size` RGB uint8 (at its own size when `size` is None). Images over
+    PIL's decompression-bomb limit (its warning as well as its error) and anything PIL cannot
+    decode give one DataError line."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                img = img.convert("RGB")
+                if size is not None:
+                    img = img.resize((size, size), Image.BILINEAR)
                 return np.asarray(img, dtype=np.uint8)
     except Image.DecompressionBombWarning:
         raise DataError(f"refused image {path}: it is larger than {Image.MAX_IMAGE_PIXELS} pixels "
@@ -320,7 +323,7 @@ def _read_folder(folder: Path, classes: Sequence[str], size: int) -> ArrayData:
         for path in files:
             if not is_regular_file(path):  # a FIFO would block the read, a device never end it
                 raise DataError(f"cannot read image {path}: not a regular file")
-            images.append(_read_image(path, size))
+            images.append(read_image(path, size))
             labels.append(index)
     if not images:
         raise DataError(f"no images found in {folder} (expected one subfolder of images per class)")

@@ -123,6 +123,25 @@ def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]
         raise WeightsError(f"cannot read {path} as a safetensors file ({exc})") from None
 
 
+def save_weights(path: str | Path, model: "flow.nn.Module", metadata: Dict[str, str]) -> None:
+    """Write `model`'s weights as one .safetensors file at `path` with `metadata` (strings) in its
+    header, atomically (a temporary file beside it, renamed into place): `transferlab export
+    --safetensors`. The file loads back with read_state_dict (so as --pretrained)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        _write_safetensors(Path(tmp), {k: _to_numpy(v) for k, v in model.state_dict().items()},
+                           {"format": "np", **metadata})
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def save_checkpoint(folder: str | Path, model: "flow.nn.Module", optimizer: Any, meta: Dict[str, Any]) -> None:
     """Write model weights, optimizer state and `meta` into `folder` (created if needed):
     model.safetensors, optimizer.safetensors (tensors; the rest as JSON in its metadata), meta.json."""

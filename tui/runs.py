@@ -1,6 +1,9 @@
 """All runs in the runs folder: a table, overlaid curves of the selected runs, a comparison."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
@@ -20,6 +23,7 @@ from core.report import (COMPARISON_COLUMNS, comparable_groups, comparison_cells
 from core.live import HEARTBEAT_FILE, STALE_SECONDS
 from core.experiment import list_experiments
 from core.store import RunRecord, RunsDirError, list_runs, read_events
+from tui.dialogs import ChoiceScreen, PathScreen
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot
 
@@ -66,6 +70,7 @@ class RunsScreen(Screen):
         Binding("e", "edit", "Edit & rerun"),
         Binding("R", "resume", "Resume"),
         Binding("x", "experiment", "Experiment"),
+        Binding("E", "export", "Export"),
         Binding("g", "reload", "Reload", show=False),  # (it reloads by itself while shown)
     ]
 
@@ -158,7 +163,7 @@ class RunsScreen(Screen):
     def _update_hint(self) -> None:
         self.query_one("#runs-hint", Static).update(
             f"{len(self.runs)} run(s) in {escape(str(self.app.runs_dir))} · space: select to overlay ({len(self.selected)} "
-            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume · x: experiment" if self.runs else
+            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume · x: experiment · E: export" if self.runs else
             f"No runs in {escape(str(self.app.runs_dir))} yet: start one from the form (F1, then ctrl+r).")
 
     def current(self) -> RunRecord | None:
@@ -336,3 +341,57 @@ class RunsScreen(Screen):
 
     def action_reload(self) -> None:
         self.reload()
+
+    EXPORTS = [("c", "metrics as CSV", "--csv", "csv"), ("s", "weights as safetensors", "--safetensors", "safetensors"),
+               ("o", "model as ONNX (checked with ONNX Runtime)", "--onnx", "onnx")]
+    """(key, what, flag of `transferlab export`, file suffix) of each export offered."""
+
+    def action_export(self) -> None:
+        """Ask what to export of the run under the cursor and where, then export it (export_run)."""
+        run = self.readable_current()
+        if run is None:
+            return
+
+        def chosen(key: str) -> None:
+            export = next((e for e in self.EXPORTS if e[0] == key), None)
+            if export is None:
+                return
+            default = str(Path.cwd() / f"{run.run_id}.{export[3]}")
+            self.app.push_screen(PathScreen(f"Export the {export[1]} of {escape(run.run_id)} to:", default),
+                                 lambda path: path and self.export_run(run.path, export[2], path))
+
+        self.app.push_screen(ChoiceScreen(f"Export {escape(run.run_id)}: what?",
+                                          [(key, what) for key, what, _, _ in self.EXPORTS]), chosen)
+
+    class Exported(Message):
+        """An export ended: `ok`, and its output line (the path written) or its error line."""
+
+        def __init__(self, ok: bool, text: str) -> None:
+            super().__init__()
+            self.ok, self.text = ok, text
+
+    @work(thread=True, exit_on_error=False, group="export")
+    def export_run(self, run_dir: Path, flag: str, path: str) -> None:
+        """`transferlab export RUN FLAG PATH` in a process of its own: the ONNX export compiles an
+        nn.Graph, which OneFlow does only on a main thread, and the UI thread never calls OneFlow.
+        One path for every kind keeps the app and the CLI from drifting."""
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        target = str(Path(path).expanduser().absolute())
+        try:
+            done = subprocess.run([sys.executable, "-m", "core.cli", "export", str(run_dir.absolute()), flag, target],
+                                  capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self.post_message(self.Exported(False, f"cannot start the export: {exc}"))
+            return
+        ok = done.returncode == 0
+        lines = [line for line in (done.stdout if ok else done.stderr).splitlines()
+                 if line.strip() and not line.startswith(("W20", "E20", "I20", "libibverbs"))]  # OneFlow's log
+        errors = [line for line in lines if line.startswith("error:")]
+        self.post_message(self.Exported(ok, (lines[-1:] if ok else errors[:1] or lines[-1:] or
+                                             [f"transferlab export ended with exit code {done.returncode}"])[0]))
+
+    @on(Exported)
+    def _exported(self, message: Exported) -> None:
+        self.notify(message.text, title="Exported" if message.ok else "Export failed", markup=False,
+                    severity="information" if message.ok else "error", timeout=10)

@@ -16,15 +16,19 @@ def tiny(tmp_path, **changes):
     return cfg.replace(**changes)
 
 
-def test_epochs_and_learning_rates_change_after_the_epoch_they_are_asked_in(tmp_path):
-    box = []
-
+def asking(cfg, *changes):
+    """A Local run of `cfg` that asks each of `changes` (Run.change's arguments) after its first step."""
     def ask(event):
-        if isinstance(event, ev.StepEnded) and event.epoch == 1 and event.step == 1:
-            box[0].change(epochs=3, lr_scale=0.5)
+        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
+            for change in changes:
+                run.change(**change)
 
-    run = Local(tiny(tmp_path), listeners=[ask])
-    box.append(run)
+    run = Local(cfg, listeners=[ask])
+    return run
+
+
+def test_epochs_and_learning_rates_change_after_the_epoch_they_are_asked_in(tmp_path):
+    run = asking(tiny(tmp_path), dict(epochs=3, lr_scale=0.5))
     result = run.run()
     assert result.status == ev.COMPLETED and result.epochs_done == 3
     events = read_events(run.run_dir)
@@ -99,14 +103,7 @@ async def test_the_dashboard_asks_for_more_epochs_with_plus(tmp_path):
 
 
 def test_unfreeze_now_makes_a_frozen_backbone_train_from_the_next_epoch(tmp_path):
-    box = []
-
-    def ask(event):
-        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
-            box[0].change(unfreeze=True)
-
-    run = Local(tiny(tmp_path, strategy="frozen", lr_backbone=0.0002), listeners=[ask])
-    box.append(run)
+    run = asking(tiny(tmp_path, strategy="frozen", lr_backbone=0.0002), dict(unfreeze=True))
     assert run.run().status == ev.COMPLETED
     events = read_events(run.run_dir)
     (changed,) = [e for e in events if isinstance(e, ev.SettingsChanged)]
@@ -119,16 +116,8 @@ def test_unfreeze_now_makes_a_frozen_backbone_train_from_the_next_epoch(tmp_path
 def test_a_change_that_would_make_the_settings_invalid_is_refused_and_the_run_stays_readable(tmp_path):
     """Fewer epochs than the warmup, learning rates scaled down to 0: each refused at the
     boundary in validate's words (config.json must stay valid: the runs list and a resume read it)."""
-    box = []
-
-    def ask(event):
-        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
-            box[0].change(epochs=1)
-            box[0].change(lr_scale=1e-200)
-            box[0].change(lr_scale=1e-200)  # scales multiply: 1e-400 is 0.0
-
-    run = Local(tiny(tmp_path, warmup_epochs=2.0), listeners=[ask])
-    box.append(run)
+    run = asking(tiny(tmp_path, warmup_epochs=2.0), dict(epochs=1), dict(lr_scale=1e-200),
+                 dict(lr_scale=1e-200))  # scales multiply: 1e-400 is 0.0
     result = run.run()
     assert result.status == ev.COMPLETED and result.epochs_done == 2
     (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
@@ -160,14 +149,7 @@ async def test_after_a_refused_change_plus_counts_from_the_runs_epochs(tmp_path)
 
 def test_unfreeze_asked_during_the_last_epoch_says_there_is_none_left(tmp_path):
     """The dashboard logs "asked: the backbone unfrozen"; the boundary must answer it."""
-    box = []
-
-    def ask(event):
-        if isinstance(event, ev.StepEnded) and (event.epoch, event.step) == (1, 1):
-            box[0].change(unfreeze=True)
-
-    run = Local(tiny(tmp_path, strategy="frozen", epochs=1), listeners=[ask])
-    box.append(run)
+    run = asking(tiny(tmp_path, strategy="frozen", epochs=1), dict(unfreeze=True))
     assert run.run().status == ev.COMPLETED
     (changed,) = [e for e in read_events(run.run_dir) if isinstance(e, ev.SettingsChanged)]
     assert changed.summary == "unfreeze: no epoch left to train" and changed.config["unfreeze_epoch"] == 0

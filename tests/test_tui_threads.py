@@ -132,6 +132,9 @@ def same_loss_data(plot, other, series, other_series):
             (theirs.xs, theirs.ys, theirs.counts, theirs.per_bucket)
 
 
+WALL_LIMIT = 1.5  # s: well above the noise of a loaded 2-core machine, far below the 6.6 s freeze
+
+
 async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(tmp_path, monkeypatch):
     """Opening (enter) and overlaying (space) a finished 20,000-step run: its metrics are parsed
     in a thread, the app handles the next key at once (before the fix the UI thread parsed the
@@ -161,7 +164,9 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
             answered.clear()
             start = (time.perf_counter(), time.thread_time())
             press_now(app, "enter")
-            # r (raw loss on/off) as soon as the dashboard is there: answered within 0.5 s
+            # r (raw loss on/off) as soon as the dashboard is there: the UI thread spends under 0.5 s
+            # of CPU on it, and the key is answered within 1.5 s of wall time (on a loaded 2-core CI
+            # machine mounting the dashboard alone has taken 0.52 s; before the fix it was 6.6 s)
             await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.is_mounted)
             dash = app.screen
             press_now(app, "r", "r")
@@ -172,11 +177,11 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
             same_loss_data(loss, ref_loss, "run", "run")
             assert acc.series == ref_acc.series and len(dash.results) == 10
             assert dash.last_step == recorded[-4] and not loss.show_raw
-            if timings[-1][0] < 0.5:
+            if timings[-1][0] < WALL_LIMIT:
                 break
             await pilot.press("escape")
             await wait_until(pilot, lambda: app.screen is runs)
-        assert min(wall for wall, _ in timings) < 0.5, f"key answered after (wall, UI thread CPU) s: {timings}"
+        assert min(wall for wall, _ in timings) < WALL_LIMIT, f"key answered after (wall, UI thread CPU) s: {timings}"
         assert max(cpu for _, cpu in timings) < 0.5, f"key answered after (wall, UI thread CPU) s: {timings}"
 
         await pilot.press("escape")
@@ -184,7 +189,7 @@ async def test_a_long_run_is_read_off_the_ui_thread_and_the_app_answers_at_once(
         start = time.perf_counter()
         press_now(app, "space")
         await wait_until(pilot, lambda: runs.selected)
-        assert time.perf_counter() - start < 0.5
+        assert time.perf_counter() - start < WALL_LIMIT
         overlay = runs.query_one("#overlay-loss", LossPlot)
         await wait_until(pilot, lambda: overlay.raw)
         (label,) = overlay.raw

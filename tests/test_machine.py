@@ -168,3 +168,31 @@ async def test_the_dashboard_samples_the_machine_off_the_ui_thread(tmp_path, mon
         await pilot.pause()
         sampler.thread.join(5)
         assert not sampler.thread.is_alive() and calls["shutdown"] == 1  # stopped with its screen
+
+
+def replay_with_machine():
+    """The recorded finetune run of tests/data with a machine record of two GPUs (fixed figures:
+    snapshots never show live ones), opened as a replay (which samples nothing)."""
+    from tui.dashboard import DashboardScreen
+
+    run = Path("tests/data/runs/20261129-054304-finetune-digits")  # relative: the pictures show the path
+    events = read_events(run)
+    recorded = ev.MachineSampled(t=1.0, pid=4242, cpu_percent=93.0, cpus=8, rss_bytes=3 * GIB, mem_used_bytes=12 * GIB,
+                                 mem_total_bytes=31 * GIB, gpus=(ev.GpuSample(0, 87.0, int(10.2 * GIB), 24 * GIB, 71.0),
+                                                                 ev.GpuSample(1, 5.0, GIB // 2, 8 * GIB, None)))
+    return DashboardScreen(events=[*events[:-1], recorded, events[-1]])
+
+
+@pytest.mark.parametrize("size", [(130, 32), (80, 24)])
+def test_snapshot_recorded_machine_panel(snap_compare, monkeypatch, size):
+    """Wide: a column beside the plots; 80x24: one line above the status (the plots keep their room)."""
+    from test_snapshots import make_app
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+    async def open_replay(pilot):
+        await pilot.pause()
+        await pilot.app.push_screen(replay_with_machine())
+        await pilot.pause(0.3)
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=open_replay)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -196,3 +197,21 @@ def test_snapshot_recorded_machine_panel(snap_compare, monkeypatch, size):
         await pilot.pause(0.3)
 
     assert snap_compare(make_app(), terminal_size=size, run_before=open_replay)
+
+
+def test_the_panel_samples_the_process_named_by_the_runs_heartbeat(tmp_path):
+    """A run trained by another process (background, attached): the pid in its heartbeat.json when
+    that process trains here, else none (the panel then shows the whole machine and says so)."""
+    from core.live import HEARTBEAT_FILE, identity, training_pid
+    from core.runner import Remote
+    from core.store import atomic_write_json
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    beat = {**identity(), "updated": time.time()}
+    cases = [(beat, os.getpid()), ({**beat, "host": "elsewhere.example"}, None), ({**beat, "pid": gone.pid}, None)]
+    for written, expected in cases:
+        atomic_write_json(tmp_path / HEARTBEAT_FILE, written)
+        assert training_pid(tmp_path) == expected and Remote(tmp_path).machine_pid() == expected
+    (tmp_path / HEARTBEAT_FILE).unlink()
+    assert Remote(tmp_path).machine_pid() is None and Remote(None).machine_pid() is None

@@ -184,7 +184,7 @@ def replay_with_machine():
     return DashboardScreen(events=[*events[:-1], recorded, events[-1]])
 
 
-@pytest.mark.parametrize("size", [(130, 32), (80, 24)])
+@pytest.mark.parametrize("size", [(130, 32), (80, 24)], ids=["130x32", "80x24"])
 def test_snapshot_recorded_machine_panel(snap_compare, monkeypatch, size):
     """Wide: a column beside the plots; 80x24: one line above the status (the plots keep their room)."""
     from test_snapshots import make_app

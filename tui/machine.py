@@ -39,7 +39,7 @@ class MachinePanel(Static):
         who, figures, gpus = machine_lines(sample, gpu_note)
         if self.compact:  # one line in 80 columns: short words, the GPUs before the memory
             gpus = ["no NVIDIA GPU" if line == NO_GPU else line for line in gpus]
-            label = ("machine" if how == "live" else how) + (" (whole machine)" if sample.pid is None else "")
+            label = {"live": "machine", "at the end": "ended"}.get(how, how) + (" (whole machine)" if sample.pid is None else "")
             self.update(f"[b]{escape(label)}[/b]: " + escape(" · ".join(figures[:1] + gpus + figures[1:])))
         else:
             if sample.pid is None:

@@ -115,11 +115,45 @@ class RunResumed:
     """The epochs the run now ends after (extended by --epochs, or as before)."""
 
 
+@dataclass(frozen=True)
+class GpuSample:
+    """One NVIDIA GPU in a MachineSampled (a figure NVML would not give is None)."""
+
+    index: int
+    util_percent: Optional[float] = None
+    mem_used_bytes: Optional[int] = None
+    mem_total_bytes: Optional[int] = None
+    temp_c: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class MachineSampled:
+    """What the machine was doing (core.machine): recorded by the training process about every
+    30 s, and sampled once a second by the dashboard's machine panel."""
+
+    t: float
+    """When (time.time())."""
+    pid: Optional[int]
+    """The process sampled (the one that trains the run), or None: machine-wide figures."""
+    cpu_percent: Optional[float]
+    """Its CPU use in % of all `cpus` logical cores (100: every core busy); None on a first
+    sample, which has nothing to measure against."""
+    cpus: int
+    rss_bytes: Optional[int]
+    """Its resident memory (None: machine-wide)."""
+    mem_used_bytes: int
+    """System memory in use (total - available) and in all."""
+    mem_total_bytes: int
+    gpus: Tuple[GpuSample, ...] = ()
+    """No rows: no NVIDIA GPU, or NVML not available (never an error)."""
+
+
 Event = Any
 Listener = Callable[[Event], None]
 
 EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, CheckpointSaved, RunFinished,
-                                                  RunResumed, SettingsChanged)}
+                                                  RunResumed, SettingsChanged,
+                                                  MachineSampled)}
 
 
 def to_record(event: Event) -> Dict[str, Any]:
@@ -157,6 +191,8 @@ def from_record(record: Any) -> Event:
         values[name] = checked(record[name], kind, name)
     if cls in (RunStarted, SettingsChanged):
         _check_config(values["config"])
+    if cls is MachineSampled:
+        _check_machine(values)
     if cls is RunFinished and values["status"] not in STATUSES:
         raise ValueError(f"unknown status {short(values['status'])}")
     return cls(**values)
@@ -173,6 +209,31 @@ def as_one_run(events: Iterable[Event]) -> List[Event]:
                                           or isinstance(e, EpochEnded) and e.epoch > event.epochs_done)]
         out.append(event)
     return out
+
+
+MAX_GPUS = 64
+"""A MachineSampled with more GPU rows than this is not a real one."""
+
+
+def _check_machine(values: Dict[str, Any]) -> None:
+    """A MachineSampled's figures are counts and shares: none negative, and at least one core."""
+    numbers = [values[k] for k in ("cpu_percent", "rss_bytes", "mem_used_bytes", "mem_total_bytes")]
+    numbers += [getattr(g, f.name) for g in values.get("gpus", ()) for f in fields(GpuSample)]
+    if values["cpus"] < 1 or any(n is not None and n < 0 for n in numbers):
+        raise ValueError("MachineSampled with a negative figure or no CPU")
+
+
+def _gpu_samples(value: Any, name: str) -> Tuple[GpuSample, ...]:
+    """The GPU rows of a MachineSampled read from a file: a list of objects with GpuSample's fields."""
+    if type(value) not in (list, tuple) or len(value) > MAX_GPUS or not all(type(v) is dict for v in value):
+        raise ValueError(f"{name} must be a list of at most {MAX_GPUS} GPU records, got {short(value)}")
+    rows = []
+    for i, row in enumerate(value):
+        if "index" not in row:
+            raise ValueError(f"{name}[{i}] without index")
+        rows.append(GpuSample(**{f.name: checked(row[f.name], f.type, f"{name}[{i}].{f.name}")
+                                 for f in fields(GpuSample) if f.name in row}))
+    return tuple(rows)
 
 
 def _check_config(config: Dict[str, Any]) -> None:
@@ -224,6 +285,8 @@ def checked(value: Any, kind: str, name: str) -> Any:
     elif kind == "List[float]":
         ok = type(value) is list
         value = [checked(v, "float", f"{name}[{i}]") for i, v in enumerate(value)] if ok else value
+    elif kind == "Tuple[GpuSample, ...]":
+        return _gpu_samples(value, name)
     elif kind == "Tuple[str, ...]":
         ok = type(value) in (list, tuple) and all(type(v) is str for v in value)
         value = tuple(value) if ok else value

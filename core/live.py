@@ -148,6 +148,15 @@ def suspended(pid: int) -> bool:
         return False
 
 
+def training_pid(run_dir: str | Path) -> Optional[int]:
+    """The pid of the process that trains the run in `run_dir` when it trains on this machine
+    (its heartbeat written here since the last boot, by a process still alive), else None."""
+    beat = read_heartbeat(run_dir)
+    if beat is None or _where(beat) != "here" or _process_gone(beat):
+        return None
+    return beat.pid
+
+
 def _process_gone(beat: Heartbeat) -> bool:
     """This machine, and the process that wrote `beat` no longer exists (or its pid now belongs to
     another process: another start time)."""

@@ -17,6 +17,7 @@ processes, core.distributed the launcher's ranks. This module is the one the cal
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -74,6 +75,13 @@ class Run:
     def _tell_history(self, events: List[ev.Event]) -> None:
         for callback in self.history:
             callback(events)
+
+    def machine_pid(self) -> Optional[int]:
+        """The process that trains the run when it is on this machine (what the dashboard's
+        machine panel samples), else None. May read a file: call it off the UI thread."""
+        from core.live import training_pid
+
+        return training_pid(self.run_dir) if self.run_dir is not None else None
 
     def run(self) -> Optional[ev.RunFinished]:
         raise NotImplementedError
@@ -152,6 +160,9 @@ class Local(Run):
             return self.train()
         finally:
             self.done.set()
+
+    def machine_pid(self) -> Optional[int]:
+        return os.getpid()
 
     def stop(self, reason: str = "") -> None:
         self.control.request_stop(reason)
@@ -265,6 +276,12 @@ class Background(Remote):
     @property
     def pid(self) -> Optional[int]:
         return self.child.process.pid if self.child is not None else None
+
+    def machine_pid(self) -> Optional[int]:
+        """The process that trains the run (rank 0 on several processes), from its heartbeat;
+        without one (not written yet, or gone), the child started (it loads the data and model)."""
+        pid = super().machine_pid()
+        return pid if pid is not None else self.pid
 
     def _find_folder(self) -> bool:
         from core.launch import START_TIMEOUT, Child

@@ -22,6 +22,7 @@ from core.data import ArrayData, BatchTransform, batch_count, batches, load_data
 from core.features import (CachePlan, FeatureCache, cache_cap, feature_size, megabytes, tail_name,
                            variant_count)
 from core.live import LiveRun
+from core.machine import Recorder as MachineRecorder
 from core.distributed import Dist, DistributedError, NullWriter
 from core.models import WeightsError, build_model
 from core.precision import LossScaler, autocast
@@ -391,7 +392,8 @@ def train(cfg: RunConfig, listeners: Iterable[ev.Listener] = (), control: Option
             return Trainer(p, NullWriter(), [], control, dist=dist).run()
     live = LiveRun(control)  # heartbeat.json and control.json: the run seen and steered from outside
     writer = RunWriter(p.cfg, resume=p.resume.run_dir) if p.resume else RunWriter(p.cfg)
-    return Trainer(p, writer, [writer, live, *listeners], control, dist=dist).run()
+    machine = MachineRecorder()  # this process's CPU, memory and GPUs, sampled in a thread, into metrics.jsonl
+    return Trainer(p, writer, [writer, live, machine, *listeners], control, dist=dist, machine=machine).run()
 
 
 @dataclass
@@ -415,6 +417,8 @@ class Trainer:
     test_features: Optional[FeatureCache] = None
     """The frozen fast path (core.features): the backbone's features of the training and test
     images, while the backbone is frozen and the cache fits (_feature_caches)."""
+    machine: Optional[MachineRecorder] = None
+    """Samples the machine in a thread; the sample it holds is emitted at the next _flush."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
@@ -760,6 +764,9 @@ class Trainer:
             self._epoch_losses.append(value)
             self.emit(ev.StepEnded(epoch, step, global_step, value, lrs, rate))
         self._window_start = now
+        sample = self.machine.take() if self.machine is not None else None
+        if sample is not None:
+            self.emit(sample)
 
     def _evaluate(self, epoch: int) -> Tuple[float, float]:
         """Test loss and accuracy, in batches of eval_batch_size: the sums stay on the device

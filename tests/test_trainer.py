@@ -26,7 +26,8 @@ def test_event_order_and_run_folder(tiny_cfg):
     cfg = tiny_cfg.replace(epochs=2, limit_train=48, batch_size=16)
     rec = Recorder()
     result = train(cfg, [rec])
-    kinds = [type(e).__name__ for e in rec.events]
+    # (machine records come from a thread, when its clock says: tests/test_machine.py)
+    kinds = [type(e).__name__ for e in rec.events if not isinstance(e, ev.MachineSampled)]
     steps = "StepEnded " * 3
     expected = ("RunStarted " + steps + "EpochEnded CheckpointSaved CheckpointSaved "
                 + steps + "EpochEnded CheckpointSaved").split()

@@ -37,6 +37,7 @@ from core.config import RunConfig, from_mapping
 from core.store import read_events
 from tui.dialogs import ConfirmScreen, PathScreen
 from tui.keybar import KeyBar
+from tui.machine import MachinePanel, MachineUpdate
 from tui.plots import AccuracyPlot, LossPlot, LrPlot
 
 
@@ -106,8 +107,14 @@ class DashboardScreen(Screen):
             self.events = events
             self.error = error
 
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    """The machine panel: one line below 120 columns, a column beside the plots from 120."""
+
     def __init__(self, events: Iterable[ev.Event] = (), run_dir: Optional[Path] = None, run: Any = None) -> None:
         super().__init__()
+        self.sampler: Any = None
+        """The core.machine.Sampler of the run shown, while it runs (a replay shows what was recorded)."""
+        self._machine_shown: Optional[tuple] = None
         self.replay = list(events)
         self.run_dir = run_dir
         self.pushed = bool(self.replay) or run_dir is not None or run is not None
@@ -145,17 +152,20 @@ class DashboardScreen(Screen):
                 yield LossPlot(id="loss")
                 yield LrPlot(id="lr")  # in the loss plot's place while `l` shows it
                 yield AccuracyPlot(id="acc")
+                yield MachinePanel(id="machine")
             with Horizontal(classes="bar-row"):
                 yield Label("epoch -/-", id="epoch-label")
                 # total=1, not None: an empty bar, not the indeterminate one (which redraws 15x a second)
                 yield ProgressBar(1, id="epoch-bar", show_eta=False, show_percentage=False)
                 yield Label("step -/-", id="step-label")
                 yield ProgressBar(1, id="step-bar", show_eta=False, show_percentage=False)
+            yield MachinePanel(compact=True, id="machine-line")
             yield Static("", id="stats")
             yield RichLog(id="log", wrap=True, markup=True, max_lines=1000)
         yield KeyBar()
 
     def on_mount(self) -> None:
+        self.add_class("-no-machine")
         self.sub_title = "dashboard" if not self.pushed else "run (attached)" if self._followed else "run (replay)"
         if self._followed is not None:
             self.query_one("#summary", Static).update(f"loading {escape(str(self._followed.run_dir))}...")
@@ -172,6 +182,7 @@ class DashboardScreen(Screen):
         self.set_interval(0.1, self.drain_steps)
 
     def on_unmount(self) -> None:
+        self._stop_sampling()
         if self._followed is not None:
             self._followed.close()  # the follower ends; the run goes on wherever it trains
 
@@ -183,6 +194,7 @@ class DashboardScreen(Screen):
         self.run, self.feed = run, RunFeed(self)
         run.listeners.append(self.feed)
         run.history.append(self.feed.history)
+        self._sample_machine(run)
         if not self.pushed:
             self.sub_title = "dashboard" if run.here else "dashboard (run in another process)"
 
@@ -211,6 +223,41 @@ class DashboardScreen(Screen):
         self.drain_steps()
         self.apply(message.event)
         self._loaded()
+
+    # -- the machine panel ------------------------------------------------------------------------
+
+    def _sample_machine(self, run: Any) -> None:
+        """Sample the machine that trains `run` once a second, in a thread of its own (never here)."""
+        from core.machine import LIVE_SECONDS, Sampler
+
+        self._stop_sampling()
+        post = self.post_message  # thread-safe
+
+        def sampled(sample: ev.MachineSampled, gpu_note: str) -> None:
+            post(MachineUpdate(sampler, sample, gpu_note))
+
+        sampler = self.sampler = Sampler(sampled, LIVE_SECONDS, run.machine_pid).start()
+
+    def _stop_sampling(self, ended: bool = False) -> None:
+        """No more live samples (the thread ends by itself); `ended`: the run did, the last
+        sample stays, marked as such."""
+        if self.sampler is None:
+            return
+        self.sampler.stop()
+        self.sampler = None
+        if ended and self._machine_shown is not None:
+            self._show_machine(self._machine_shown[0], "at the end", self._machine_shown[1])
+
+    def _show_machine(self, sample: ev.MachineSampled, how: str, gpu_note: str = "") -> None:
+        self._machine_shown = (sample, gpu_note)
+        self.remove_class("-no-machine")
+        for panel in self.query(MachinePanel):
+            panel.show(sample, how, gpu_note)
+
+    @on(MachineUpdate)
+    def _on_machine_update(self, message: MachineUpdate) -> None:
+        if message.sampler is self.sampler:  # (not one stopped meanwhile)
+            self._show_machine(message.sample, "live", message.gpu_note)
 
     @on(RunHistory)
     def _on_run_history(self, message: RunHistory) -> None:
@@ -267,6 +314,7 @@ class DashboardScreen(Screen):
     def crashed(self, error: str) -> None:
         """The run's worker died of an error that the trainer did not handle."""
         self.status = ev.FAILED
+        self._stop_sampling(ended=True)
         self.refresh_bindings()
         self.log_line(f"[b red]failed[/b red]: {escape(error)}")
         self._update_stats()
@@ -336,6 +384,7 @@ class DashboardScreen(Screen):
                           f"{event.global_step}), to {event.epochs} epochs.")
         elif isinstance(event, ev.RunLost):
             self.status = event.status
+            self._stop_sampling(ended=True)
             self.refresh_bindings()
             self.log_line(f"[b red]{escape(event.status)}[/b red]: the run no longer trains (its process is gone "
                           "or stopped beating)" + (f": {escape(event.message)}" if event.message else ""))
@@ -347,8 +396,12 @@ class DashboardScreen(Screen):
             self.log_line(f"[b]after epoch {event.epoch}[/b]: {escape(event.summary)}")
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
+        elif isinstance(event, ev.MachineSampled):
+            if self.sampler is None:  # a replay: what the run recorded (a live run has fresher figures)
+                self._show_machine(event, "recorded")
         elif isinstance(event, ev.RunFinished):
             self.status = event.status
+            self._stop_sampling(ended=True)
             self.out_of_memory = event.status == ev.FAILED and event.message.startswith("out of memory")
             self.refresh_bindings()
             colour = ev.STATUS_COLOURS[event.status]

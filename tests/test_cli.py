@@ -1,5 +1,6 @@
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -276,3 +277,26 @@ def test_classes_the_dataset_lacks_are_one_line_and_no_run_folder(tmp_path, caps
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     assert cli.main(["train", *TINY, "--classes", "3-1"]) == cli.EXIT_USAGE
     assert "error: --classes range 3-1 is empty: write 1-3" in capsys.readouterr().err
+
+
+def test_no_thread_takes_ctrl_c_while_oneflow_is_imported(tmp_path):
+    """When oneflow's import starts, every thread of the process blocks SIGINT (numpy's BLAS
+    workers, started earlier, included), so a Ctrl-C waits for the main thread's handler: a BLAS
+    thread that took it mid-import ran oneflow's half-installed handler (exit -6 or -11, no word)."""
+    code = ("import glob, sys\n"
+            "masks = []\n"
+            "class Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'oneflow._oneflow_internal' and not masks:  # early in oneflow's import\n"
+            "            for status in glob.glob('/proc/self/task/*/status'):\n"
+            "                fields = dict(l.split(':', 1) for l in open(status).read().splitlines() if ':' in l)\n"
+            "                masks.append((fields['Pid'].strip(), int(fields['SigBlk'], 16) & 2))\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "from tui.__main__ import main\n"
+            f"main(['train', '--dataset', 'digits', '--classes', '5-9,12', '--runs-dir', {str(tmp_path)!r}])\n"
+            "print('masks', masks)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("masks")]
+    masks = eval(line[len("masks"):])  # noqa: S307 (our own subprocess's list of tuples)
+    assert len(masks) >= 2, out.stdout + out.stderr  # the main thread and numpy's BLAS worker(s)
+    assert [pid for pid, blocked in masks if not blocked] == [], masks

@@ -9,8 +9,10 @@ setup:
 run: setup
 	.venv/bin/transferlab $(ARGS)
 
+# Tests in 2 processes (CI has 2 cores), a test file to each (its module fixtures are built once).
+PYTEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	.venv/bin/python benchmarks/ui_latency.py

@@ -52,12 +52,17 @@ def accuracy_panel(title: str, series: Dict[str, Curve]) -> Panel:
     return Panel(title, "epoch", dict(series), False, (0.0, 1.0), integer_x=True)
 
 
+def stamp() -> str:
+    """The local time, as in the names of exports (and of runs)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def new_export_path(run_dir: Union[str, Path], stem: str, suffixes: Sequence[str]) -> Path:
     """RUN/exports/<stem>-<time> (the folder made if missing), with a number added until no file
     of that name exists with any of `suffixes`: an earlier export is never overwritten."""
     folder = Path(run_dir) / EXPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{stem}-{stamp()}"
     n = 1
     while True:
         path = folder / (base if n == 1 else f"{base}-{n}")
@@ -100,13 +105,16 @@ def export_plots(run_dir: Union[str, Path], panels: Sequence[Panel], stem: str =
     """Draw the panels into RUN/exports/<stem>-<time>.svg and .png (new files, never over earlier
     ones); returns their paths. Each file is created exclusively and removed again if writing it
     fails (a full disk leaves no half picture)."""
+    from matplotlib import rc_context
+
     fig = figure(panels)
     base = new_export_path(run_dir, stem, (".svg", ".png"))
     written: List[Path] = []
     try:
         for suffix, options in ((".svg", {"format": "svg"}), (".png", {"format": "png", "dpi": 100})):
             data = io.BytesIO()
-            fig.savefig(data, **options)
+            with rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG: editable, searchable
+                fig.savefig(data, **options)
             path = base.with_name(base.name + suffix)
             with open(path, "xb") as f:
                 written.append(path)

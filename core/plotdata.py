@@ -149,6 +149,12 @@ def reduced(xs: Sequence[float], ys: Sequence[float], size: int) -> Curve:
     return buckets.xs, buckets.ys
 
 
+def windowed(xs: Sequence[float], ys: Sequence[float], window: int, size: int) -> Curve:
+    """The last `window` points (0: all), reduced to at most `size` bucket means."""
+    start = max(0, len(xs) - window) if window else 0
+    return reduced(xs[start:], ys[start:], size)
+
+
 @dataclass(frozen=True)
 class EpochPoint:
     """An epoch's results, at the global step it ended on."""
@@ -219,9 +225,8 @@ def loss_curves(run: RunCurves, controls: PlotControls, size: int,
         out["raw"] = (whole[0].xs, whole[0].ys)
         out["smoothed"] = (whole[1].xs, whole[1].ys)
     else:
-        steps = run.steps[start:]
-        out["raw"] = reduced(steps, run.losses[start:], size)
-        out["smoothed"] = reduced(steps, run.smoothed[start:], size)
+        out["raw"] = windowed(run.steps, run.losses, controls.window, size)
+        out["smoothed"] = windowed(run.steps, run.smoothed, controls.window, size)
     ended = [e for e in run.epochs if e.step >= first] if controls.window else run.epochs
     out["train loss"] = ([e.step for e in ended], [e.train_loss for e in ended])
     out["test loss"] = ([e.step for e in ended], [e.test_loss for e in ended])

@@ -44,8 +44,9 @@ def loss_panel(title: str, run: RunCurves, controls: PlotControls) -> Panel:
                  controls.log_y)
 
 
-def lr_panel(title: str, series: Dict[str, Curve], controls: PlotControls) -> Panel:
-    return Panel(title, "step", log_safe(series, controls), controls.log_y)
+def lr_panel(title: str, xlabel: str, series: Dict[str, Curve], controls: PlotControls) -> Panel:
+    """The learning-rate plot (series: as the screen draws them, window and axis applied)."""
+    return Panel(title, xlabel, log_safe(series, controls), controls.log_y)
 
 
 def accuracy_panel(title: str, series: Dict[str, Curve]) -> Panel:
@@ -74,7 +75,7 @@ def new_export_path(run_dir: Union[str, Path], stem: str, suffixes: Sequence[str
 def figure(panels: Sequence[Panel]):
     """A matplotlib Figure of the panels side by side (the loss plot wider, as on screen)."""
     from matplotlib.figure import Figure  # noqa: PLC0415  (lazy: see the module's docstring)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedLocator, LogFormatter, MaxNLocator
 
     fig = Figure(figsize=(5 * len(panels) + 2, 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=[3 if not p.integer_x else 2 for p in panels])[0]
@@ -90,11 +91,16 @@ def figure(panels: Sequence[Panel]):
             ax.plot(xs, ys, label=label, color=colour, linewidth=0.8 if label == "raw" else 1.5,
                     marker="o" if label in EPOCH_CURVES else None, markersize=4)
         if panel.log_y and drawn:
-            ax.set_yscale("log")
+            ax.set_yscale("log")  # labelled 2.4, 1e-05: not 2.4x10^0
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
-        if panel.integer_x:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel.integer_x:  # epochs: whole numbers, each one while they are few
+            epochs = sorted({x for xs, _ in panel.curves.values() for x in xs})
+            ax.xaxis.set_major_locator(FixedLocator(epochs) if 0 < len(epochs) <= 20 else MaxNLocator(integer=True))
+            if len(epochs) == 1:
+                ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         if drawn:
             ax.legend(fontsize="small")
         ax.grid(True, alpha=0.3)

@@ -115,7 +115,8 @@ async def test_each_key_changes_what_is_drawn_and_the_state_is_kept(tmp_path):
         await pilot.press("y")
         assert loss.plt.monitor.yscale[0] == "log"
         await pilot.press("l")  # the lr plot: log too
-        assert lr.display and lr.plt.monitor.yscale[0] == "log" and "log y" in lr.heading()
+        assert lr.display and lr.plt.monitor.yscale[0] == "log" and "log y · last 200 steps" in lr.heading()
+        assert lr.plt.monitor.x[0] == [x / (STEPS // EPOCHS) for x in reduced(steps[-200:], losses[-200:])[0]]
         await pilot.press("l")
 
         await pilot.press("c")

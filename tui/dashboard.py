@@ -35,7 +35,7 @@ from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 from core import events as ev
 from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
-from core.plotdata import CURVES, EpochPoint, PlotControls
+from core.plotdata import CURVES, EpochPoint, PlotControls, x_label
 from core.store import read_events
 from tui.dialogs import ConfirmScreen, CurvesScreen, PathScreen
 from tui.keybar import KeyBar
@@ -330,6 +330,7 @@ class DashboardScreen(PlotControlsMixin, Screen):
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs, progress=0)
             self.query_one("#step-bar", ProgressBar).update(total=event.steps_per_epoch, progress=0)
             self.query_one(LossPlot).set_steps_per_epoch("run", event.steps_per_epoch)
+            self.query_one(LrPlot).set_steps_per_epoch(event.steps_per_epoch)
             for note in event.notes:
                 self.log_line(f"[yellow]note:[/yellow] {escape(note)}")
             self.log_line(escape(f"Run {event.run_id} started on {event.device}."))
@@ -562,7 +563,8 @@ class DashboardScreen(PlotControlsMixin, Screen):
         controls, right = self.controls, accuracy_panel(acc.heading(), {
             name: (list(xs), list(ys)) for name, (xs, ys) in acc.shown().items()})
         if lr.display:
-            left = lr_panel(lr.heading(), {k: (list(xs), list(ys)) for k, (xs, ys) in lr.curves().items()}, controls)
+            left = lr_panel(lr.heading(), x_label(controls, lr.steps_per_epoch),
+                            {k: (list(xs), list(ys)) for k, (xs, ys) in lr.curves().items()}, controls)
             self._export(folder, "plots", lambda: [left, right])
         else:  # the steps copied here, reduced and drawn in the thread
             run, title = loss.run("run").snapshot(), loss.heading()

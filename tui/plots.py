@@ -9,6 +9,8 @@ then parses back was 40% of a redraw.
 """
 from __future__ import annotations
 
+from array import array
+from dataclasses import replace
 from itertools import groupby
 from typing import Dict, List, Sequence, Tuple
 
@@ -17,7 +19,7 @@ from rich.style import Style
 from rich.text import Text
 from textual_plotext import PlotextPlot
 
-from core.plotdata import Buckets, EpochPoint, PlotControls, RunCurves, log_safe, loss_curves, x_label
+from core.plotdata import Buckets, EpochPoint, PlotControls, RunCurves, log_safe, loss_curves, windowed, x_label
 from textual.binding import Binding
 
 from tui.compat import build_plotext_matrix
@@ -292,12 +294,27 @@ class LrPlot(TimedPlot):
 
     def __init__(self, title: str = "learning rate per step", xlabel: str = "step", **kwargs) -> None:
         super().__init__(title, **kwargs)
+        self.step_title = title
         self.xlabel = xlabel
         self.series: Dict[str, Buckets] = {}
+        self.kept: Dict[str, Tuple[array, array]] = {}
+        """A run's every step and lr per group (extend), for the window; not the form's preview."""
+        self.steps_per_epoch = 0
 
     def reset(self) -> None:
         self.series.clear()
+        self.kept.clear()
         self.mark_dirty()
+
+    def set_controls(self, controls: PlotControls) -> None:
+        epochs = controls.x_axis == "epoch" and self.steps_per_epoch > 0
+        self.title = self.step_title.replace("per step", "per epoch") if epochs else self.step_title
+        super().set_controls(controls)
+
+    def set_steps_per_epoch(self, steps: int) -> None:
+        self.steps_per_epoch = steps
+        self.set_controls(self.controls)
+        self.dirty = True
 
     def set_curves(self, curves: Dict[str, Tuple[Sequence[float], Sequence[float]]]) -> None:
         """Replace every series (the form's preview)."""
@@ -311,15 +328,25 @@ class LrPlot(TimedPlot):
         training: the backbone unfrozen)."""
         for name in {name for step_lrs in lrs for name in step_lrs}:
             pairs = [(x, step_lrs[name]) for x, step_lrs in zip(steps, lrs) if name in step_lrs]
-            self.series.setdefault(name, Buckets()).extend([x for x, _ in pairs], [y for _, y in pairs])
+            xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+            self.series.setdefault(name, Buckets()).extend(xs, ys)
+            kept = self.kept.setdefault(name, (array("d"), array("d")))
+            kept[0].extend(xs)
+            kept[1].extend(ys)
         self.dirty = True
 
     def said_controls(self, short: bool = False) -> str:
-        return ("log" if short else "log y") if self.controls.log_y else ""  # (the smoothing and the window are the loss's)
+        return replace(self.controls, smoothing="medium").describe(short)  # (the smoothing is the loss's)
 
     def curves(self) -> Dict[str, Tuple[List[float], List[float]]]:
-        """What is drawn, by group (for a log scale only the positive points)."""
-        return log_safe({name: (b.xs, b.ys) for name, b in sorted(self.series.items())}, self.controls)
+        """What is drawn, by group: the window's steps (a group that started late: its own last
+        ones), x in steps or epochs, for a log scale only the positive points."""
+        window = self.controls.window if self.kept else 0
+        curves = {name: windowed(*self.kept[name], window, Buckets.SIZE) if window else (b.xs, b.ys)
+                  for name, b in sorted(self.series.items())}
+        if self.kept and x_label(self.controls, self.steps_per_epoch) == "epoch":
+            curves = {name: ([x / self.steps_per_epoch for x in xs], ys) for name, (xs, ys) in curves.items()}
+        return log_safe(curves, self.controls)
 
     def draw(self, plt) -> None:
         curves = self.curves()
@@ -332,7 +359,7 @@ class LrPlot(TimedPlot):
                 plt.yscale("log")
         elif top > 0:  # from 0: a warmup or a decay shows in proportion
             plt.ylim(0, top * 1.05)
-        plt.xlabel(self.xlabel)
+        plt.xlabel(x_label(self.controls, self.steps_per_epoch) if self.kept else self.xlabel)
 
 
 CONTROL_KEYS = (

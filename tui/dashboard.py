@@ -546,6 +546,8 @@ class DashboardScreen(PlotControlsMixin, Screen):
         """The folder of the run shown (its exports go into its exports/), when there is one."""
         if self.run_dir is not None:
             return Path(self.run_dir)
+        if self._followed is not None:  # (the folder as found here, whatever its trainer called it)
+            return Path(self._followed.run_dir)
         if self.started is not None:
             return Path(self.started.run_dir)
         return None

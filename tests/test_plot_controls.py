@@ -4,8 +4,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import pytest
-
 import core.plots_export
 from core import events as ev
 from core.config import RunConfig

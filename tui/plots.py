@@ -17,11 +17,10 @@ from typing import Dict, List, Sequence, Tuple
 from plotext import _utility as plotext_utility
 from rich.style import Style
 from rich.text import Text
+from textual.binding import Binding
 from textual_plotext import PlotextPlot
 
 from core.plotdata import Buckets, EpochPoint, PlotControls, RunCurves, log_safe, loss_curves, windowed, x_label
-from textual.binding import Binding
-
 from tui.compat import build_plotext_matrix
 from tui.keybar import SPARE
 
@@ -366,7 +365,7 @@ CONTROL_KEYS = (
     ("y", "plot('log_y')", "Log y", "Log-scale y of the loss and learning-rate plots, or linear"),
     ("m", "plot('smoothing')", "Smoothing", "Smoothing of the loss: off, light, medium, strong"),
     ("w", "plot('window')", "Window", "Steps shown: the whole run, the last 200, the last 1000"),
-    ("t", "plot('x_axis')", "Steps/epochs", "The loss plot's x axis: steps, or epochs"),
+    ("t", "plot('x_axis')", "Steps/epochs", "The x axis of the loss and learning-rate plots: steps, or epochs"),
 )
 """(key, action, key bar words, palette help) of the plot controls: in the key bar where there is
 room (keybar.SPARE), always in the command palette (palette_commands)."""

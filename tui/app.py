@@ -30,6 +30,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from core import events as ev
 from core.config import RunConfig
+from core.plotdata import PlotControls
 from tui.compat import InstantSwitchApp
 from tui.dialogs import ChoiceScreen, ConfirmScreen
 
@@ -122,6 +123,8 @@ class TransferLabApp(InstantSwitchApp):
     TITLE = "TransferLab"
     _last_key = _last_full_gc = 0.0
     CSS_PATH = "app.tcss"
+    plot_controls = PlotControls()
+    """How the run plots are drawn (y, m, w, t, c on a dashboard): kept for the next run and replays."""
     BINDINGS = [
         Binding("f1", "switch_mode('form')", "Form"),
         Binding("f2", "switch_mode('dashboard')", "Dashboard"),
@@ -561,6 +564,8 @@ class TransferLabApp(InstantSwitchApp):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        for name, help, callback in getattr(screen, "palette_commands", list)():  # the dashboard's plots
+            yield SystemCommand(name, help, callback)
         form = self.mode_screen("form")
         if not self.running and form is not None and form.valid_config() is not None:
             yield SystemCommand("Start run", "Train with the settings in the form", form.action_start)

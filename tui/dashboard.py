@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Deque, Iterable, List, Optional
@@ -34,11 +35,13 @@ from textual.widgets import Header, Label, ProgressBar, RichLog, Static
 from core import events as ev
 from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
+from core.plotdata import CURVES, EpochPoint, PlotControls, x_label
 from core.store import read_events
-from tui.dialogs import ConfirmScreen, PathScreen
+from tui.dialogs import ConfirmScreen, CurvesScreen, PathScreen
 from tui.keybar import KeyBar
 from tui.machine import MachinePanel, MachineUpdate
-from tui.plots import AccuracyPlot, LossPlot, LrPlot
+from tui.plots import (CONTROL_KEYS, AccuracyPlot, LossPlot, LrPlot, PlotControlsMixin, palette_commands,
+                       spare_bindings)
 
 
 class RunEvent(Message):
@@ -82,7 +85,17 @@ class RunFeed:
         return out
 
 
-class DashboardScreen(Screen):
+PLOT_KEYS = CONTROL_KEYS[:1] + (
+    ("c", "curves", "Curves", "Which curves are drawn (loss raw, smoothed, test, accuracy...)"),
+) + CONTROL_KEYS[1:] + (
+    ("P", "export_plots", "Plots export", "The plots as shown, as SVG and PNG in RUN/exports"),
+    ("C", "export_csv", "CSV export", "The run's metrics as CSV in RUN/exports"),
+)
+"""The plot controls and exports (tui.plots.CONTROL_KEYS), in the order they leave the key bar
+when it has no room for them (last first)."""
+
+
+class DashboardScreen(PlotControlsMixin, Screen):
     """Loss per step and accuracy per epoch of one run, live or replayed."""
 
     BINDINGS = [
@@ -97,6 +110,7 @@ class DashboardScreen(Screen):
         Binding("L", "scale_lr", "Scale LR", show=False),
         Binding("u", "unfreeze", "Unfreeze now", show=False),
         Binding("escape", "back", "Back", show=False),
+        *spare_bindings(PLOT_KEYS),
     ]
 
     class EventsRead(Message):
@@ -177,6 +191,7 @@ class DashboardScreen(Screen):
             self.query_one("#summary", Static).update(f"loading {escape(str(self.run_dir))}...")
             self.query_one(LossPlot).set_note("loading...")
             self._read_events(self.run_dir)
+        self.set_controls(self.app.plot_controls)
         self.apply_all(self.replay)
         self.set_interval(1.0, self._update_stats)
         self.set_interval(0.1, self.drain_steps)
@@ -362,6 +377,8 @@ class DashboardScreen(Screen):
                 f"{escape(event.run_dir)}")
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs, progress=0)
             self.query_one("#step-bar", ProgressBar).update(total=event.steps_per_epoch, progress=0)
+            self.query_one(LossPlot).set_steps_per_epoch("run", event.steps_per_epoch)
+            self.query_one(LrPlot).set_steps_per_epoch(event.steps_per_epoch)
             for note in event.notes:
                 self.log_line(f"[yellow]note:[/yellow] {escape(note)}")
             self.log_line(escape(f"Run {event.run_id} started on {event.device}."))
@@ -375,6 +392,10 @@ class DashboardScreen(Screen):
             acc = self.query_one(AccuracyPlot)
             acc.add("train", event.epoch, event.train_acc)
             acc.add("test", event.epoch, event.test_acc)
+            per_epoch = self.started.steps_per_epoch if self.started else 0
+            self.query_one(LossPlot).add_epoch("run", EpochPoint(
+                event.epoch, self.last_step.global_step if self.last_step else event.epoch * per_epoch,
+                event.train_loss, event.test_loss, event.train_acc, event.test_acc))
             self.query_one("#epoch-bar", ProgressBar).update(progress=event.epoch)
             self.log_line(escape(ev.epoch_summary(event, self.epochs)))
         elif isinstance(event, ev.RunResumed):
@@ -555,9 +576,93 @@ class DashboardScreen(Screen):
             await self.app.edit_config(self.cfg)
 
     def action_toggle_raw(self) -> None:
-        plot = self.query_one(LossPlot)
-        plot.show_raw = not plot.show_raw
-        plot.redraw_now()
+        self.change_controls(self.controls.toggled("raw"))
+
+    # -- plot controls and exports ------------------------------------------------------------------
+
+    @property
+    def controls(self) -> PlotControls:
+        return self.query_one(LossPlot).controls
+
+    def action_curves(self) -> None:
+        def chosen(hidden: Optional[frozenset]) -> None:
+            if hidden is not None:
+                self.change_controls(replace(self.controls, hidden=hidden))
+
+        self.app.push_screen(CurvesScreen(CURVES, self.controls.hidden), chosen)
+
+    def palette_commands(self) -> List[tuple]:
+        """(name, help, callback) of the plot controls and exports, for the command palette."""
+        return palette_commands(self, PLOT_KEYS)
+
+    def export_folder(self) -> Optional[Path]:
+        """The folder of the run shown (its exports go into its exports/), when there is one."""
+        if self.run_dir is not None:
+            return Path(self.run_dir)
+        if self._followed is not None:  # (the folder as found here, whatever its trainer called it)
+            return Path(self._followed.run_dir)
+        if self.started is not None:
+            return Path(self.started.run_dir)
+        return None
+
+    def action_export_plots(self) -> None:
+        """The plots as shown (controls applied) into RUN/exports, as SVG and PNG; drawn in a thread
+        from a copy of what the plots hold."""
+        from core.plots_export import accuracy_panel, loss_panel, lr_panel
+
+        folder = self.export_folder()
+        if folder is None:
+            self.notify("No run shown yet: nothing to export.", severity="warning")
+            return
+        loss, lr, acc = self.query_one(LossPlot), self.query_one(LrPlot), self.query_one(AccuracyPlot)
+        controls, right = self.controls, accuracy_panel(acc.heading(), {
+            name: (list(xs), list(ys)) for name, (xs, ys) in acc.shown().items()})
+        if lr.display:
+            left = lr_panel(lr.heading(), x_label(controls, lr.steps_per_epoch),
+                            {k: (list(xs), list(ys)) for k, (xs, ys) in lr.curves().items()}, controls)
+            self._export(folder, "plots", lambda: [left, right])
+        else:  # the steps copied here, reduced and drawn in the thread
+            run, title = loss.run("run").snapshot(), loss.heading()
+            self._export(folder, "plots", lambda: [loss_panel(title, run, controls), right])
+
+    def action_export_csv(self) -> None:
+        """The run's metrics as CSV into RUN/exports: the file `transferlab export RUN --csv` writes."""
+        folder = self.export_folder()
+        if folder is None:
+            self.notify("No run shown yet: nothing to export.", severity="warning")
+            return
+        self._export(folder, "metrics", None)
+
+    @work(thread=True, exit_on_error=False, group="export")
+    def _export(self, folder: Path, stem: str, panels: Any) -> None:
+        """Write an export (panels: a function giving the plots' panels; None: the metrics CSV)
+        and say where in a toast, or why not in one line."""
+        from core.errors import one_line
+        from core.store import error_reason
+
+        try:
+            if panels is None:
+                from core.export import write_metrics_csv
+                from core.plots_export import new_export_path
+
+                path = new_export_path(folder, stem, (".csv",))
+                path = path.with_name(path.name + ".csv")
+                write_metrics_csv(folder, path)
+                written = [path]
+            else:
+                from core.plots_export import export_plots
+
+                written = export_plots(folder, panels())
+        except OSError as exc:
+            self.app.call_from_thread(self.notify, f"Export failed: {error_reason(exc)} ({folder / 'exports'})",
+                                      severity="error", markup=False)
+            return
+        except Exception as exc:  # a bad metrics file, a picture matplotlib cannot draw: a line, not a crash
+            self.app.call_from_thread(self.notify, f"Export failed: {one_line(exc)}", severity="error",
+                                      markup=False)
+            return
+        self.app.call_from_thread(self.notify, "\n".join(map(str, written)), title="Exported", markup=False,
+                                  timeout=10)
 
     def action_toggle_lr(self) -> None:
         """Show the learning rate per step in the loss plot's place, or the loss again."""

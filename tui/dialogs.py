@@ -1,4 +1,4 @@
-"""Small modal screens: a yes/no confirmation and a file path prompt."""
+"""Small modal screens: a yes/no confirmation, a choice, a file path prompt, the plots' curves."""
 from __future__ import annotations
 
 from textual import events, on
@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Input, Label, SelectionList
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -86,3 +86,31 @@ class PathScreen(ModalScreen[str]):
 
     def action_cancel(self) -> None:
         self.dismiss("")
+
+
+class CurvesScreen(ModalScreen[frozenset]):
+    """A checklist of the plots' curves (space or enter ticks one, or its number key); dismisses
+    with the curves left unticked (Esc, or c again: the dialog closes where it opened)."""
+
+    BINDINGS = [Binding("escape,c", "close", "Close")]
+
+    def __init__(self, curves: "dict[str, str]", hidden: frozenset) -> None:
+        """`curves`: name -> what it is; `hidden`: the names not drawn now."""
+        super().__init__()
+        self.curves, self.hidden = curves, hidden
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Curves drawn (space toggles, Esc closes):")
+            yield SelectionList(*((f"{i} {what}", name, name not in self.hidden)
+                                  for i, (name, what) in enumerate(self.curves.items(), 1)), id="curves")
+
+    def on_key(self, event: events.Key) -> None:
+        names = list(self.curves)
+        if event.character and event.character.isdigit() and 1 <= int(event.character) <= len(names):
+            event.stop()
+            self.query_one(SelectionList).toggle(names[int(event.character) - 1])
+
+    def action_close(self) -> None:
+        shown = set(self.query_one(SelectionList).selected)
+        self.dismiss(frozenset(name for name in self.curves if name not in shown))

@@ -25,7 +25,7 @@ from core.experiment import list_experiments
 from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.dialogs import ChoiceScreen, PathScreen
 from tui.keybar import KeyBar
-from tui.plots import AccuracyPlot, LossPlot
+from tui.plots import CONTROL_KEYS, AccuracyPlot, LossPlot, PlotControlsMixin, palette_commands, spare_bindings
 
 
 WATCH_SECONDS = 2.0
@@ -60,7 +60,7 @@ class CompareScreen(ModalScreen):
         self.dismiss()
 
 
-class RunsScreen(Screen):
+class RunsScreen(PlotControlsMixin, Screen):
     """Every run; space selects runs to overlay, enter opens one, c compares."""
 
     BINDINGS = [
@@ -72,6 +72,7 @@ class RunsScreen(Screen):
         Binding("x", "experiment", "Experiment"),
         Binding("E", "export", "Export"),
         Binding("g", "reload", "Reload", show=False),  # (it reloads by itself while shown)
+        *spare_bindings(CONTROL_KEYS),
     ]
 
     def __init__(self) -> None:
@@ -101,10 +102,14 @@ class RunsScreen(Screen):
         for label in ("run", "strategy", "dataset", "lr", "epochs", "best acc", "status", "time", "experiment"):
             table.add_column(label, key=label)
         self.reload()
+        self.set_controls(self.app.plot_controls)
         self.set_interval(WATCH_SECONDS, self._watch)
 
-    def on_screen_resume(self) -> None:
+    def on_screen_resume(self) -> None:  # (PlotControlsMixin's too: Textual calls each class's handler)
         self.reload(only_if_changed=True)
+
+    def palette_commands(self) -> list:
+        return palette_commands(self, CONTROL_KEYS)
 
     def _watch(self) -> None:
         """While shown, follow runs of other processes starting, ending or dying."""
@@ -199,7 +204,8 @@ class RunsScreen(Screen):
             self.run_id, self.mtime, self.steps, self.accs, self.error = run_id, mtime, steps, accs, error
 
     def _curves(self, run: RunRecord, load: bool = True) -> Optional[tuple]:
-        """((global steps, losses), test accuracy per epoch) of a run, or None until they are read.
+        """((global steps, losses, steps per epoch), test accuracy per epoch) of a run, or None until
+        they are read.
 
         A run's metrics are read once per version of its file, in a thread (20,000 steps take
         ~0.2 s to parse, too long for the UI thread). With `load`, a missing or out-of-date
@@ -217,18 +223,20 @@ class RunsScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="curves")
     def _read_curves(self, run_id: str, path: Path, mtime: float) -> None:
-        steps, losses, accs = [], [], []
+        steps, losses, accs, per_epoch = [], [], [], 0
         try:
             for event in ev.as_one_run(read_events(path)):
-                if isinstance(event, ev.StepEnded):
+                if isinstance(event, ev.RunStarted):
+                    per_epoch = event.steps_per_epoch
+                elif isinstance(event, ev.StepEnded):
                     steps.append(event.global_step)
                     losses.append(event.loss)
                 elif isinstance(event, ev.EpochEnded):
                     accs.append((event.epoch, event.test_acc))
         except Exception as exc:  # an unreadable file is a message, not a crash
-            self.post_message(self.CurvesRead(run_id, mtime, ([], []), [], f"{type(exc).__name__}: {exc}"))
+            self.post_message(self.CurvesRead(run_id, mtime, ([], [], 0), [], f"{type(exc).__name__}: {exc}"))
             return
-        self.post_message(self.CurvesRead(run_id, mtime, (steps, losses), accs))
+        self.post_message(self.CurvesRead(run_id, mtime, (steps, losses, per_epoch), accs))
 
     @on(CurvesRead)
     def _curves_read(self, message: CurvesRead) -> None:
@@ -255,8 +263,9 @@ class RunsScreen(Screen):
                 waiting += 1
                 continue
             label = f"{run.config.strategy} {run.run_id[9:15]}"
-            (steps, losses), accs = curves
+            (steps, losses, per_epoch), accs = curves
             loss.extend(label, steps, losses)
+            loss.set_steps_per_epoch(label, per_epoch)
             for epoch, value in accs:
                 acc.add(label, epoch, value)
         loss.set_note(f"loading {waiting} run(s)..." if waiting else "")

@@ -36,6 +36,7 @@ from core.report import fmt_duration
 from core.config import RunConfig, from_mapping
 from core.store import read_events
 from tui.dialogs import ConfirmScreen, PathScreen
+from tui.insight import InsightScreen
 from tui.keybar import KeyBar
 from tui.plots import AccuracyPlot, LossPlot, LrPlot
 
@@ -91,6 +92,7 @@ class DashboardScreen(Screen):
         Binding("r", "toggle_raw", "Raw loss"),
         Binding("l", "toggle_lr", "LR / loss plot"),
         Binding("h", "half_batch", "Half batch"),
+        Binding("i", "insight", "Classes"),
         Binding("plus", "more_epochs", "More epochs", show=False),
         Binding("minus", "fewer_epochs", "Fewer epochs", show=False),
         Binding("L", "scale_lr", "Scale LR", show=False),
@@ -136,6 +138,10 @@ class DashboardScreen(Screen):
         """The run failed for want of memory (`h` offers half the batch)."""
         self.queue: Optional[tuple] = None
         """(i, n) while the run is run i of an experiment's n (the ETA then covers them all)."""
+        self.class_results: Optional[ev.ClassResults] = None
+        """The latest epoch's per-class results (`i` shows them)."""
+        self.insight: Optional[InsightScreen] = None
+        """The per-class screen opened from here, fed as the run evaluates."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -345,6 +351,10 @@ class DashboardScreen(Screen):
             self.asked_epochs = 0  # taken (or refused): + / - count from the run's epochs again
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs)
             self.log_line(f"[b]after epoch {event.epoch}[/b]: {escape(event.summary)}")
+        elif isinstance(event, ev.ClassResults):
+            self.class_results = event
+            if self.insight is not None and self.insight.is_attached:
+                self.insight.show_results(event)
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.RunFinished):
@@ -511,6 +521,17 @@ class DashboardScreen(Screen):
         loss, lr = self.query_one(LossPlot), self.query_one(LrPlot)
         loss.display, lr.display = not loss.display, loss.display
         (lr if lr.display else loss).redraw_now()
+
+    def action_insight(self) -> None:
+        """The per-class results of the run shown (its latest epoch; updated as it evaluates)."""
+        run_dir = self.run_dir or (self.run.run_dir if self.run is not None else None)
+        if run_dir is None and self.started is not None:
+            run_dir = Path(self.started.run_dir)
+        if run_dir is None:
+            self.notify("No run shown yet: start one (F1) or open one (F3).", severity="warning")
+            return
+        self.insight = InsightScreen(run_dir, self.class_results, follow=False)
+        self.app.push_screen(self.insight)
 
     def action_back(self) -> None:
         if self.pushed:

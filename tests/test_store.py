@@ -507,7 +507,7 @@ def mutate_json(rng, text: bytes) -> bytes:
     how = rng.randrange(11)
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a line mutated before into 50,000 brackets)
         data = None  # already mutated: mutate its bytes
     if how < 4 and isinstance(data, dict):
         keys = list(data) or ["x"]
@@ -551,7 +551,7 @@ def mutate_metrics(rng, text: bytes) -> bytes:
         how = rng.randrange(6)
         try:
             record = json.loads(lines[i])
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None  # a line mutated before
         if how < 3 and isinstance(record, dict):
             key = rng.choice([k for k in record if k != "event"] or ["event"])

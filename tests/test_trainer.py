@@ -28,8 +28,8 @@ def test_event_order_and_run_folder(tiny_cfg):
     result = train(cfg, [rec])
     kinds = [type(e).__name__ for e in rec.events]
     steps = "StepEnded " * 3
-    expected = ("RunStarted " + steps + "EpochEnded CheckpointSaved CheckpointSaved "
-                + steps + "EpochEnded CheckpointSaved").split()
+    expected = ("RunStarted " + steps + "ClassResults EpochEnded CheckpointSaved CheckpointSaved "
+                + steps + "ClassResults EpochEnded CheckpointSaved").split()
     # the second epoch writes "best" too only when test accuracy improved
     assert kinds[: len(expected)] == expected and kinds[-1] == "RunFinished"
     assert result.status == ev.COMPLETED and result.epochs_done == 2

@@ -72,7 +72,7 @@ class RunsScreen(Screen):
         Binding("R", "resume", "Resume"),
         Binding("x", "experiment", "Experiment"),
         Binding("E", "export", "Export"),
-        Binding("i", "insight", "Classes"),
+        Binding("i", "insight", "Classes", show=False),  # (in the hint line: the bar is full at 80 columns)
         Binding("g", "reload", "Reload", show=False),  # (it reloads by itself while shown)
     ]
 

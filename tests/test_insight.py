@@ -210,8 +210,7 @@ def heat_rows(screen):
     return [[int(n) for n in line.split()[1:]] for line in text.splitlines()[1:]]
 
 
-@pytest.mark.parametrize("size", [(80, 24), (200, 50)])
-async def test_insight_opens_from_the_dashboard_and_the_runs_screen_and_shows_the_matrix(run_dir, tmp_path, size):
+async def test_insight_opens_from_the_dashboard_and_the_runs_screen_and_shows_the_matrix(run_dir, tmp_path):
     from textual.widgets import DataTable
 
     from tui.app import TransferLabApp
@@ -224,7 +223,7 @@ async def test_insight_opens_from_the_dashboard_and_the_runs_screen_and_shows_th
     old = sorted((ROOT / "tests" / "data" / "runs").iterdir())[0]
     shutil.copytree(old, runs / old.name)  # older than class results: the newest is first in the list
     app = TransferLabApp(RunConfig(runs_dir=str(runs), device="cpu", dataset="digits"))
-    async with app.run_test(size=size) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         await pilot.press("f3")
         await pilot.pause()
@@ -257,3 +256,24 @@ async def test_insight_opens_from_the_dashboard_and_the_runs_screen_and_shows_th
         await wait_for(pilot, lambda: len(screen.query(WrongCard)) == 1)
         card = screen.query_one(WrongCard)
         assert isinstance(card.picture, str) and "not in the run's wrong/ folder" in card.picture
+
+
+async def test_insight_of_a_live_run_follows_its_evaluations(tmp_path):
+    from tui.app import TransferLabApp
+    from tui.insight import InsightScreen
+
+    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=16, epochs=2, limit_train=32,
+                    limit_test=32, device="cpu", runs_dir=str(tmp_path / "runs"))
+    app = TransferLabApp(cfg)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.dashboard.started is not None, timeout=60)
+        await pilot.press("i")
+        screen = app.screen
+        assert isinstance(screen, InsightScreen)
+        if app.dashboard.class_results is None:  # (on a fast machine the first epoch may be over)
+            await wait_for(pilot, lambda: "yet" in str(screen.query_one("#insight-title").render()))
+        await wait_for(pilot, lambda: screen.results is not None and screen.results.epoch == 2, timeout=60)
+        assert sum(map(sum, heat_rows(screen))) == 32 and heat_rows(screen) == screen.results.matrix
+        await app.workers.wait_for_complete()

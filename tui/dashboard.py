@@ -530,7 +530,7 @@ class DashboardScreen(Screen):
         if run_dir is None:
             self.notify("No run shown yet: start one (F1) or open one (F3).", severity="warning")
             return
-        self.insight = InsightScreen(run_dir, self.class_results, follow=False)
+        self.insight = InsightScreen(run_dir, self.class_results, live=self.status in ("starting", "running"))
         self.app.push_screen(self.insight)
 
     def action_back(self) -> None:

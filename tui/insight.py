@@ -38,8 +38,9 @@ from core.report import CLASS_COLUMNS, CLASS_NOTE, class_cells, short_name, wron
 from tui.keybar import KeyBar
 
 FOLLOW_SECONDS = 3.0
-"""A running run opened from the runs screen: its metrics file is looked at this often (a stat),
-and read again (in a thread) when it changed."""
+"""A running run opened from the runs screen: its summary.json is looked at this often (a stat),
+and its metrics read again (in a thread) when it changed (the run store rewrites it at each
+epoch's end, right after the epoch's ClassResults line, and at most every 30 s otherwise)."""
 PICTURE_PIXELS = 64
 """Pictures smaller than this are enlarged to it, pixels kept square and sharp (digits are 8 px)."""
 NAME_WIDTH = 12
@@ -82,7 +83,7 @@ class WrongCard(Vertical):
     """One confidently wrong image: its picture and "true X, predicted Y (p=0.93)"."""
 
     DEFAULT_CSS = """
-    WrongCard { width: 20; height: auto; margin: 0 1 1 0; }
+    WrongCard { width: 20; height: 11; }
     WrongCard Image { width: 16; height: 8; }
     WrongCard .wrong-missing { width: 16; height: 8; color: $text-muted; }
     WrongCard .wrong-text { width: 20; height: auto; }
@@ -121,11 +122,12 @@ class InsightScreen(Screen):
             self.epoch, self.pictures = epoch, pictures
 
     def __init__(self, run_dir: Optional[Path], results: Optional[ev.ClassResults] = None,
-                 follow: bool = False) -> None:
+                 follow: bool = False, live: bool = False) -> None:
         """`results`: the latest known (the dashboard's), else they are read from `run_dir`;
-        `follow`: the run trains elsewhere (runs screen): read again as its metrics grow."""
+        `follow`: the run trains elsewhere (runs screen): read again as it evaluates; `live`: it
+        trains and its dashboard calls show_results (no results yet is then no surprise)."""
         super().__init__()
-        self.run_dir, self.results, self.follow = run_dir, results, follow
+        self.run_dir, self.results, self.follow, self.live = run_dir, results, follow, live or follow
         self._mtime = 0.0
 
     def compose(self) -> ComposeResult:
@@ -175,7 +177,7 @@ class InsightScreen(Screen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="insight-read")
     def _read(self, run_dir: Path) -> None:
         try:
-            mtime = (run_dir / "metrics.jsonl").stat().st_mtime
+            mtime = (run_dir / "summary.json").stat().st_mtime
         except OSError:
             mtime = 0.0
         try:
@@ -187,7 +189,7 @@ class InsightScreen(Screen):
 
     def _poll(self) -> None:
         try:
-            mtime = (self.run_dir / "metrics.jsonl").stat().st_mtime
+            mtime = (self.run_dir / "summary.json").stat().st_mtime
         except OSError:
             return
         if mtime != self._mtime:
@@ -201,7 +203,7 @@ class InsightScreen(Screen):
             self._say(f"[b red]per-class results unreadable[/b red]: {escape(printable(message.error))}")
         elif message.results is None:
             self._say("No per-class results in this run: they are recorded at each evaluation (runs trained "
-                      "before TransferLab recorded them have none)." if not self.follow else
+                      "before TransferLab recorded them have none)." if not self.live else
                       "No per-class results yet: they come with the run's first evaluation.")
         elif self.results is None or message.results.epoch >= self.results.epoch:
             self.show_results(message.results)

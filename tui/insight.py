@@ -43,6 +43,8 @@ and its metrics read again (in a thread) when it changed (the run store rewrites
 epoch's end, right after the epoch's ClassResults line, and at most every 30 s otherwise)."""
 PICTURE_PIXELS = 64
 """Pictures smaller than this are enlarged to it, pixels kept square and sharp (digits are 8 px)."""
+TABLE_WIDTH = 50
+"""The per-class table's width: beside the heat map when both fit, else below it."""
 NAME_WIDTH = 12
 """Class names in the heat map's rows are cut to this many characters."""
 
@@ -50,16 +52,22 @@ NAME_WIDTH = 12
 def heat_map(results: ev.ClassResults) -> Text:
     """The confusion matrix as text: a row per true class, a column per predicted class, each
     cell its count on a background as strong as its share of the row (green on the diagonal,
-    red off it); names cut to fit the cells."""
+    red off it). Columns are headed by the class names when they fit the cells, else by the
+    classes' numbers, which then also start the rows (the table beside lists the names)."""
     names = [printable(c, 80) for c in results.classes]
     biggest = max((n for row in results.matrix for n in row), default=0)
     cell = max(3, len(str(biggest))) + 1
+    numbered = any(len(n) > cell - 1 for n in names)
+    if numbered:
+        cell = max(cell, len(str(len(names) - 1)) + 1)
+        digits = len(str(len(names) - 1))
+        names = [f"{i:>{digits}} {n}" for i, n in enumerate(names)]
     label = max(3, min(NAME_WIDTH, max(len(n) for n in names)))
     text = Text(no_wrap=True)
     corner = "t\\p"
     text.append(f"{corner:>{label}}"[:label] + " ", style="dim")
-    for name in names:
-        text.append(f"{short_name(name, cell - 1):>{cell}}", style="bold")
+    for i, name in enumerate(names):
+        text.append(f"{str(i) if numbered else name:>{cell - 1}} ", style="bold")
     text.append("\n")
     for i, (name, row) in enumerate(zip(names, results.matrix)):
         text.append(f"{short_name(name, label):>{label}} ", style="bold")
@@ -129,6 +137,7 @@ class InsightScreen(Screen):
         super().__init__()
         self.run_dir, self.results, self.follow, self.live = run_dir, results, follow, live or follow
         self._mtime = 0.0
+        self._heat_width = 0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -166,7 +175,8 @@ class InsightScreen(Screen):
         """Heat map and table side by side when there is room, else one above the other; as
         many picture cards per row as fit."""
         width = self.size.width
-        self.query_one("#insight-top").set_class(width < 110, "narrow")
+        heat = self._heat_width + 4  # (its scroll bar and margin)
+        self.query_one("#insight-top").set_class(width - 2 < heat + TABLE_WIDTH, "narrow")
         self.query_one("#wrong-grid").styles.grid_size_columns = max(1, (width - 2) // 21)
 
     def _say(self, text: str) -> None:
@@ -235,7 +245,10 @@ class InsightScreen(Screen):
         name = self.run_dir.name if self.run_dir is not None else "the run"
         self._say(f"[b]{escape(name)}[/b], epoch {results.epoch}: {right}/{total} test images right "
                   f"({right / total if total else 0:.4f}) · rows: true class, columns: predicted")
-        self.query_one("#heat-map", Static).update(heat_map(results))
+        text = heat_map(results)
+        self._heat_width = max(line.cell_len for line in text.split())
+        self.query_one("#heat-map", Static).update(text)
+        self._fit()
         table = self.query_one(DataTable)
         table.clear()
         for stats in insight.class_stats(results):

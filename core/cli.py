@@ -1233,7 +1233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if results.wrong:
         console.print("most confidently wrong test images:", markup=False)
         for w in results.wrong:
-            kept = "" if (run_dir / w.file).is_file() else " (not kept: only the latest epochs' images are)"
+            kept = "" if insight.image_kept(run_dir, w.file) else " (not kept: only the latest epochs' images are)"
             console.print(f"  {printable(str(run_dir / w.file))}{kept}: test image {w.index}, "
                           f"{wrong_line(w, names)}", markup=False)
     return EXIT_OK

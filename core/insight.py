@@ -87,15 +87,25 @@ def pick_epoch(results: List[ev.ClassResults], epoch: Optional[int] = None) -> O
 
 def wrong_image_path(run_dir: Union[str, Path], name: str) -> Path:
     """The file a ClassResults names, checked to lie inside the run's wrong/ folder (after
-    resolving links and '..'); ValueError otherwise."""
-    root = (Path(run_dir) / WRONG_DIR).resolve()
+    resolving links and '..', the folder's own name included: a wrong/ that is a link leads
+    outside it); ValueError otherwise."""
     try:
+        root = Path(run_dir).resolve() / WRONG_DIR
         path = (Path(run_dir) / name).resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL in the name
         raise ValueError(f"image {ev.short(name)}: {exc}") from None
     if os.path.isabs(name) or root not in path.parents:
         raise ValueError(f"image {ev.short(name)} is not in the run's {WRONG_DIR}/ folder: not read")
     return path
+
+
+def image_kept(run_dir: Union[str, Path], name: str) -> bool:
+    """Whether the picture `name` is a file inside the run's wrong/ folder (older epochs' are
+    removed, see core.store.KEEP_WRONG_EPOCHS)."""
+    try:
+        return wrong_image_path(run_dir, name).is_file()
+    except (ValueError, OSError):
+        return False
 
 
 def read_wrong_image(run_dir: Union[str, Path], name: str) -> Any:

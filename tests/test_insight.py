@@ -153,6 +153,11 @@ def test_wrong_images_are_read_only_from_the_runs_wrong_folder_and_within_bounds
                  "wrong/epoch-009/0.png", "wrong/epoch-001", "wrong/\0.png"):
         with pytest.raises(ValueError):
             insight.read_wrong_image(run, name)
+    linked = tmp_path / "linked"  # a run whose wrong/ is a link to a folder elsewhere
+    linked.mkdir()
+    os.symlink(run / "wrong", linked / "wrong")
+    with pytest.raises(ValueError):
+        insight.read_wrong_image(linked, "wrong/epoch-001/0.png")
 
 
 def test_report_prints_the_per_class_table_and_the_matrix(run_dir, capsys):

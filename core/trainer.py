@@ -457,12 +457,12 @@ class Trainer:
     unfrozen: bool = False
     """The frozen strategy's backbone trains now (unfreeze_epoch reached)."""
     features: Optional[FeatureCache] = None
-    class_tally: Optional[Tuple[int, np.ndarray, List[Tuple[float, int, int]]]] = None
-    """The last evaluation's (epoch, confusion matrix, [(confidence, test index, predicted)] of
-    its most confidently wrong images): _evaluate sets it, _class_results records it."""
     test_features: Optional[FeatureCache] = None
     """The frozen fast path (core.features): the backbone's features of the training and test
     images, while the backbone is frozen and the cache fits (_feature_caches)."""
+    class_tally: Optional[Tuple[int, np.ndarray, List[Tuple[float, int, int]]]] = None
+    """The last evaluation's (epoch, confusion matrix, [(confidence, test index, predicted)] of
+    its most confidently wrong images): _evaluate sets it, _class_results records it."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:

@@ -250,6 +250,8 @@ def main(argv: Optional[Sequence[str]] = None, launch_tui: Optional[TuiLauncher]
             return cmd_export(args)
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "train" and args.resume is not None:
             if args.nproc_per_node or args.nnodes:
                 raise UsageError(["--resume continues a run in one process: --nproc-per-node/--nnodes "
@@ -1099,6 +1101,14 @@ def add_export_parsers(sub: Any) -> None:
     predict.add_argument("--checkpoint", choices=("best", "last"),
                          help="which checkpoint (default: best when the run has one, else last)")
     predict.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    report = sub.add_parser("report", help="a run's per-class results: precision, recall, the confusion matrix",
+                            description="Per-class precision, recall and accuracy, the confusion matrix (rows: "
+                            "true class, columns: predicted) and the most confidently wrong test images of a "
+                            "run's latest evaluated epoch (or --epoch N). Exit 2 for a run without per-class "
+                            "results (one older than them) or an epoch not recorded.")
+    report.add_argument("run", metavar="RUN", help=RUN_HELP)
+    report.add_argument("--epoch", type=int, metavar="N", help="the epoch to show (default: the latest)")
+    report.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
 
 
 def _run_arg(args: argparse.Namespace) -> Path:
@@ -1182,6 +1192,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
             top = ", ".join(f"{printable(name, 40)} {prob:.3f}" for name, prob in p.top)
             console.print(f"{printable(p.path)}: {top}", markup=False)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The per-class table, the confusion matrix and the wrong images' paths of one epoch."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from core import insight
+    from core.report import CLASS_COLUMNS, CLASS_NOTE, class_cells, short_name, wrong_line
+
+    run_dir = _run_arg(args)
+    console, err = _console(), _console(stderr=True)
+    recorded = insight.read_class_results(run_dir)
+    results = insight.pick_epoch(recorded, args.epoch)
+    if results is None:
+        if not recorded:
+            err.print(f"error: run {printable(run_dir.name)} has no per-class results (it was trained before "
+                      "TransferLab recorded them, or has not finished an epoch)", markup=False)
+        else:
+            err.print(f"error: run {printable(run_dir.name)} has no per-class results for epoch {args.epoch}; "
+                      f"recorded: {', '.join(str(r.epoch) for r in recorded)}", markup=False)
+        return EXIT_USAGE
+    names = [printable(c, 40) for c in results.classes]
+    total = sum(map(sum, results.matrix))
+    correct = sum(results.matrix[i][i] for i in range(len(names)))
+    table = Table(*CLASS_COLUMNS, title=Text(f"run {run_dir.name}, epoch {results.epoch}: {correct}/{total} test "
+                                             f"images right ({correct / total if total else 0:.4f})"))
+    for name, stats in zip(names, insight.class_stats(results)):
+        table.add_row(*(Text(cell) for cell in [name, *class_cells(stats)[1:]]))  # names from a file: never markup
+    console.print(table)
+    console.print(CLASS_NOTE, markup=False, style="dim")
+    width = max(4, len(str(max((n for row in results.matrix for n in row), default=0))))
+    matrix = Table(title=Text("confusion matrix (rows: true class, columns: predicted)"))
+    for header in ["", *(short_name(n, width) for n in names)]:
+        matrix.add_column(Text(header), justify="right")
+    for i, (name, row) in enumerate(zip(names, results.matrix)):
+        matrix.add_row(Text(name), *(Text(str(n), style="bold" if i == j else "") for j, n in enumerate(row)))
+    console.print(matrix)
+    if results.wrong:
+        console.print("most confidently wrong test images:", markup=False)
+        for w in results.wrong:
+            kept = "" if insight.image_kept(run_dir, w.file) else " (not kept: only the latest epochs' images are)"
+            console.print(f"  {printable(str(run_dir / w.file))}{kept}: test image {w.index}, "
+                          f"{wrong_line(w, names)}", markup=False)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -148,12 +148,41 @@ class MachineSampled:
     """No rows: no NVIDIA GPU, or NVML not available (never an error)."""
 
 
+@dataclass(frozen=True)
+class WrongImage:
+    """One of the test images the model gets most confidently wrong (ClassResults.wrong)."""
+
+    file: str
+    """Its picture, relative to the run folder ("wrong/epoch-003/0.png"): the image as the dataset
+    holds it (before resizing), PNG. Read back only through core.insight.read_wrong_image."""
+    index: int
+    """Its index in the run's test set."""
+    label: int
+    """The true class (an index into ClassResults.classes)."""
+    predicted: int
+    confidence: float
+    """The softmax probability the model gave the (wrong) class it predicted."""
+
+
+@dataclass(frozen=True)
+class ClassResults:
+    """Per-class results of an epoch's evaluation (emitted just before its EpochEnded): the
+    confusion matrix over the test set, rows the true class and columns the predicted one (its
+    sum is the test size, its diagonal the correct predictions), and the test images predicted
+    wrong with the highest confidence, most confident first."""
+
+    epoch: int
+    classes: Tuple[str, ...]
+    matrix: List[List[int]]
+    wrong: Tuple[WrongImage, ...] = ()
+
+
 Event = Any
 Listener = Callable[[Event], None]
 
 EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, CheckpointSaved, RunFinished,
                                                   RunResumed, SettingsChanged,
-                                                  MachineSampled)}
+                                                  MachineSampled, ClassResults)}
 
 
 def to_record(event: Event) -> Dict[str, Any]:
@@ -182,6 +211,20 @@ def from_record(record: Any) -> Event:
     cls = EVENT_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise ValueError(f"unknown event {short(type_name)}")
+    values = _values(cls, record)
+    if cls in (RunStarted, SettingsChanged):
+        _check_config(values["config"])
+    if cls is RunFinished and values["status"] not in STATUSES:
+        raise ValueError(f"unknown status {short(values['status'])}")
+    if cls is MachineSampled:
+        _check_machine(values)
+    if cls is ClassResults:
+        _check_class_results(values)
+    return cls(**values)
+
+
+def _values(cls: type, record: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of dataclass `cls` in `record`, each checked against its type."""
     values = {}
     for name, kind, required in _SCHEMAS[cls]:
         if name not in record:
@@ -189,13 +232,28 @@ def from_record(record: Any) -> Event:
                 raise ValueError(f"{cls.__name__} without {name}")
             continue
         values[name] = checked(record[name], kind, name)
-    if cls in (RunStarted, SettingsChanged):
-        _check_config(values["config"])
-    if cls is MachineSampled:
-        _check_machine(values)
-    if cls is RunFinished and values["status"] not in STATUSES:
-        raise ValueError(f"unknown status {short(values['status'])}")
-    return cls(**values)
+    return values
+
+
+MAX_WRONG = 64
+"""A ClassResults record lists at most this many images (the trainer keeps 8)."""
+
+
+def _check_class_results(values: Dict[str, Any]) -> None:
+    """A ClassResults' matrix must be C x C for its C class names, of counts (ints >= 0); each
+    wrong image's classes must be among them, differ, and its confidence be a probability."""
+    size, matrix = len(values["classes"]), values["matrix"]
+    if size < 1 or len(matrix) != size or any(len(row) != size for row in matrix):
+        raise ValueError(f"the confusion matrix must be {size} x {size} (one row and column per class)")
+    if any(n < 0 for row in matrix for n in row):
+        raise ValueError("the confusion matrix must hold counts (0 or more)")
+    wrong = values.get("wrong", ())
+    if len(wrong) > MAX_WRONG:
+        raise ValueError(f"more than {MAX_WRONG} wrong images")
+    for w in wrong:
+        if not (0 <= w.label < size and 0 <= w.predicted < size and w.label != w.predicted
+                and 0.0 <= w.confidence <= 1.0 and w.index >= 0):
+            raise ValueError(f"wrong image {short(w.file)}: classes, index or confidence out of range")
 
 
 def as_one_run(events: Iterable[Event]) -> List[Event]:
@@ -206,7 +264,8 @@ def as_one_run(events: Iterable[Event]) -> List[Event]:
     for event in events:
         if isinstance(event, RunResumed):
             out = [e for e in out if not (isinstance(e, StepEnded) and e.global_step > event.global_step
-                                          or isinstance(e, EpochEnded) and e.epoch > event.epochs_done)]
+                                          or isinstance(e, (EpochEnded, ClassResults))
+                                          and e.epoch > event.epochs_done)]
         out.append(event)
     return out
 
@@ -282,6 +341,13 @@ def checked(value: Any, kind: str, name: str) -> Any:
         value = {k: checked(v, "float", f"{name}[{short(k)}]") for k, v in value.items()} if ok else value
     elif kind == "Dict[str, Any]":
         ok = type(value) is dict and all(type(k) is str for k in value)
+    elif kind == "List[List[int]]":
+        ok = type(value) is list and all(type(row) is list for row in value)
+        value = [[checked(v, "int", f"{name}[{i}][{j}]") for j, v in enumerate(row)]
+                 for i, row in enumerate(value)] if ok else value
+    elif kind == "Tuple[WrongImage, ...]":
+        ok = type(value) is list and all(type(v) is dict for v in value)
+        value = tuple(WrongImage(**_values(WrongImage, v)) for v in value) if ok else value
     elif kind == "List[float]":
         ok = type(value) is list
         value = [checked(v, "float", f"{name}[{i}]") for i, v in enumerate(value)] if ok else value
@@ -311,7 +377,7 @@ def _schema(cls: type) -> Tuple[Tuple[str, str, bool], ...]:
     return tuple(out)
 
 
-_SCHEMAS = {cls: _schema(cls) for cls in EVENT_TYPES.values()}
+_SCHEMAS = {cls: _schema(cls) for cls in (*EVENT_TYPES.values(), WrongImage)}
 
 
 STATUS_COLOURS = {COMPLETED: "green", STOPPED: "yellow", ABORTED: "red", FAILED: "red"}

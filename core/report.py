@@ -95,3 +95,28 @@ def comparison_cells(row: Dict[str, Any]) -> List[str]:
     return [row["strategy"], fmt_acc(row["final_test_acc"]), fmt_acc(row["best_test_acc"]), diff,
             str(row["epochs"]), fmt_duration(row["seconds"]), "-" if ips is None else f"{ips:.0f}",
             str(row["status"]), row["run"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-class results (core.insight), shared by `transferlab report` and the app's insight screen
+
+CLASS_COLUMNS = ("class", "precision", "recall", "accuracy", "support")
+CLASS_NOTE = ("recall: of a class's test images, the share predicted right (its accuracy in the usual sense); "
+              "precision: of the images predicted as the class, the share that are; accuracy: one-vs-rest, "
+              "the share of all test images on which \"is it this class?\" is answered right")
+"""What the per-class columns mean (printed under the table)."""
+
+
+def class_cells(stats: Any) -> List[str]:
+    """A core.insight.ClassStats as the text of CLASS_COLUMNS ("-" where undefined)."""
+    return [stats.name, fmt_acc(stats.precision), fmt_acc(stats.recall), fmt_acc(stats.accuracy), str(stats.support)]
+
+
+def short_name(name: str, width: int) -> str:
+    """A class name cut to `width` characters (the last one "…" when cut)."""
+    return name if len(name) <= width else name[:max(0, width - 1)] + "…"
+
+
+def wrong_line(wrong: Any, classes: Any) -> str:
+    """One confidently wrong image: "true X, predicted Y (p=0.93)"."""
+    return f"true {classes[wrong.label]}, predicted {classes[wrong.predicted]} (p={wrong.confidence:.2f})"

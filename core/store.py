@@ -42,6 +42,13 @@ SUMMARY_EVERY = 30.0
 """While steps go on, summary.json (its duration) is rewritten at least this often (seconds)."""
 
 
+WRONG_DIR = "wrong"
+"""The run folder's subfolder of the most confidently wrong test images, one folder per epoch."""
+KEEP_WRONG_EPOCHS = 5
+"""Only the latest this many epochs keep their wrong images (a long run on large images would
+otherwise gather thousands of files); earlier ClassResults keep their matrix and list."""
+
+
 class RunsDirError(SetupError):
     """The runs folder cannot receive a run (missing and not creatable, a file, read-only, full)."""
 
@@ -96,12 +103,17 @@ def _finite(value: Any) -> Any:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """atomic_write_text for bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         try:
-            write_bytes(fd, text.encode("utf-8"))
+            write_bytes(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -262,6 +274,32 @@ class RunWriter:
 
     def checkpoint_dir(self, kind: str) -> Path:
         return self.path / "checkpoints" / kind
+
+    def save_wrong_images(self, epoch: int, images: List[Any]) -> List[str]:
+        """Save an epoch's most confidently wrong test images (uint8 H x W x 3 arrays) as
+        wrong/epoch-NNN/<i>.png and return their names relative to the run folder (what the
+        ClassResults event lists). Only the latest KEEP_WRONG_EPOCHS epochs' folders are kept
+        (an epoch redone after a resume is written again)."""
+        import io
+
+        from PIL import Image
+
+        folder = self.path / WRONG_DIR / f"epoch-{epoch:03d}"
+        names = []
+        try:
+            for i, image in enumerate(images):
+                out = io.BytesIO()
+                Image.fromarray(image).save(out, format="PNG")
+                atomic_write_bytes(folder / f"{i}.png", out.getvalue())
+                names.append(f"{WRONG_DIR}/{folder.name}/{i}.png")
+            for old in (self.path / WRONG_DIR).iterdir() if _real_dir(self.path / WRONG_DIR) else ():
+                number = old.name[len("epoch-"):]
+                if old.name.startswith("epoch-") and number.isdigit() and not (
+                        epoch - KEEP_WRONG_EPOCHS < int(number) <= epoch) and _real_dir(old):
+                    shutil.rmtree(old)
+        except OSError as exc:
+            raise StoreWriteError(f"could not write the wrong images in {folder}: {error_reason(exc)}") from None
+        return names
 
     def __call__(self, event: ev.Event) -> None:
         if self._metrics is None:

@@ -74,6 +74,54 @@ def resident_images(images: np.ndarray, device: str) -> Tuple[Any, str]:
     return flow.tensor(images, device=device), f"training images copied to the {device} once ({size}, uint8)"
 
 
+WRONG_SHOWN = 8
+"""How many of the most confidently wrong test images each evaluation records."""
+
+
+class ClassTally:
+    """Per-class results of an evaluation, gathered on the device batch by batch: the confusion
+    matrix (flattened, true class x C + predicted) and the `k` wrong predictions of highest
+    softmax probability so far (a running top-k: nothing comes to the host per batch).
+
+    With several processes the matrix is summed over the ranks (by the caller, with the loss);
+    the wrong images are those of this rank's share of the test set: rank 0's are recorded
+    (gathering every rank's candidates would need a collective of its own for 8 images)."""
+
+    def __init__(self, size: int, k: int, device: str):
+        self.size, self.k, self.device = size, k, device
+        self.matrix = flow.zeros(size * size, dtype=flow.int64, device=device)
+        self.scores = flow.zeros(0, dtype=flow.float32, device=device)
+        self.index = flow.zeros(0, dtype=flow.int64, device=device)
+        self.predicted = flow.zeros(0, dtype=flow.int64, device=device)
+
+    def add(self, out: Any, predicted: Any, y: Any, idx: np.ndarray, weight: int) -> None:
+        """One batch: float32 logits `out`, their argmax `predicted`, labels `y`, test indices
+        `idx`; weight 0 (a rank's stand-in image, see Dist.shard) counts nothing."""
+        counts = flow.bincount(y * self.size + predicted, minlength=self.size * self.size)
+        self.matrix = self.matrix + (counts if weight else counts * 0)
+        confidence = flow.softmax(out, dim=1).max(dim=1)[0]
+        wrong = (predicted != y) if weight else flow.zeros_like(y).to(flow.bool)
+        score = flow.where(wrong, confidence, flow.full_like(confidence, -1.0))  # -1: not wrong
+        scores = flow.cat([self.scores, score])
+        index = flow.cat([self.index, flow.tensor(idx, dtype=flow.int64, device=self.device)])
+        predicted = flow.cat([self.predicted, predicted.to(flow.int64)])
+        best = flow.topk(scores, min(self.k, scores.shape[0]))[1]
+        self.scores, self.index, self.predicted = scores[best], index[best], predicted[best]
+
+    def top(self) -> Any:
+        """The running top-k as one float64 vector (scores, indices, predictions), to join the
+        evaluation's single transfer; `wrong` reads it back."""
+        return flow.cat([self.scores.to(flow.float64), self.index.to(flow.float64), self.predicted.to(flow.float64)])
+
+    @staticmethod
+    def wrong(values: np.ndarray) -> List[Tuple[float, int, int]]:
+        """(confidence, test index, predicted class) of the wrong predictions among the top-k,
+        most confident first (ties: lower index first)."""
+        n = len(values) // 3
+        rows = [(float(values[i]), int(values[n + i]), int(values[2 * n + i])) for i in range(n) if values[i] >= 0]
+        return sorted(rows, key=lambda row: (-row[0], row[1]))
+
+
 class RunControl:
     """Stop and abort requests, safe to make from any thread; the trainer checks them between
     batches. stop: save a checkpoint at the current point and end with status "stopped".
@@ -419,6 +467,9 @@ class Trainer:
     images, while the backbone is frozen and the cache fits (_feature_caches)."""
     machine: Optional[MachineRecorder] = None
     """Samples the machine in a thread; the sample it holds is emitted at the next _flush."""
+    class_tally: Optional[Tuple[int, np.ndarray, List[Tuple[float, int, int]]]] = None
+    """The last evaluation's (epoch, confusion matrix, [(confidence, test index, predicted)] of
+    its most confidently wrong images): _evaluate sets it, _class_results records it."""
 
     def emit(self, event: ev.Event) -> None:
         for listener in self.listeners:
@@ -475,6 +526,9 @@ class Trainer:
                 note = early or (f"the backbone trains from epoch {epoch + 1} at lr {self.p.cfg.lr_backbone:g}"
                                  if epoch < self.p.cfg.epochs and self._unfreeze_by(epoch + 1) else "")
                 note = "; ".join(part for part in (note, cached) if part)  # what changed first
+                results = self._class_results(epoch)
+                if results is not None:
+                    self.emit(results)
                 self.emit(ev.EpochEnded(epoch, train_loss, train_acc, test_loss, test_acc,
                                         time.time() - epoch_start, note))
                 self._save_checkpoint(epoch, self.steps_per_epoch, best=improved, evaluated=True)
@@ -769,11 +823,15 @@ class Trainer:
             self.emit(sample)
 
     def _evaluate(self, epoch: int) -> Tuple[float, float]:
-        """Test loss and accuracy, in batches of eval_batch_size: the sums stay on the device
-        and come to the host in one transfer at the end."""
+        """Test loss and accuracy, in batches of eval_batch_size; also the epoch's per-class
+        results (self.class_tally, see _class_results). The sums, the confusion matrix and the
+        running top-K of confidently wrong images stay on the device and come to the host in one
+        transfer at the end."""
         p = self.p
         p.model.eval()
         total_loss = total_correct = None
+        size = len(p.train.classes)
+        tally = ClassTally(size, WRONG_SHOWN, p.device)
         with flow.no_grad():
             for idx in batches(len(p.test), eval_batch_size(p.cfg.batch_size), False, self.rng):
                 self._check_control(epoch, self.steps_per_epoch)
@@ -786,17 +844,37 @@ class Trainer:
                 else:
                     with autocast(flow, p.precision, p.device):
                         out = p.model(self.test_transform(p.test.images[idx], False, self.rng))
-                    out = out.to(flow.float32)
-                batch_loss, hits = self.eval_loss_fn(out, y), (out.argmax(dim=1) == y).sum()
+                out = out.to(flow.float32)
+                predicted = out.argmax(dim=1)
+                batch_loss, hits = self.eval_loss_fn(out, y), (predicted == y).sum()
                 if not weight:
                     batch_loss, hits = batch_loss * 0, hits * 0
                 total_loss = batch_loss if total_loss is None else total_loss + batch_loss
                 total_correct = hits if total_correct is None else total_correct + hits
-        totals = flow.stack([total_loss.to(flow.float64), total_correct.to(flow.float64)])
+                tally.add(out, predicted, y, idx, weight)
+        totals = flow.cat([flow.stack([total_loss.to(flow.float64), total_correct.to(flow.float64)]),
+                           tally.matrix.to(flow.float64)])
         if self.dist is not None:
             totals = self.dist.sum(totals)
-        loss, correct = totals.numpy().tolist()
+        values = flow.cat([totals, tally.top()]).numpy()  # the one transfer
+        loss, correct = values[:2].tolist()
+        self.class_tally = (epoch, values[2:2 + size * size].round().astype(np.int64).reshape(size, size),
+                            tally.wrong(values[2 + size * size:]))
         return loss / len(p.test), correct / len(p.test)
+
+    def _class_results(self, epoch: int) -> Optional[ev.ClassResults]:
+        """The ClassResults of `epoch`'s evaluation, its wrong images saved as PNG files in the
+        run folder at the data's own resolution (rank 0 only; None on the other ranks)."""
+        if self.class_tally is None or self.class_tally[0] != epoch:
+            return None
+        if self.dist is not None and not self.dist.is_main:
+            return None
+        _, matrix, wrong = self.class_tally
+        test = self.p.test
+        files = self.writer.save_wrong_images(epoch, [test.images[i] for _, i, _ in wrong])
+        images = tuple(ev.WrongImage(name, int(i), int(test.labels[i]), int(pred), float(conf))
+                       for name, (conf, i, pred) in zip(files, wrong))
+        return ev.ClassResults(epoch, tuple(self.p.train.classes), matrix.tolist(), images)
 
     def _check_weights(self, when: str) -> None:
         """Fail the run if a weight or BatchNorm statistic is NaN/inf: a step's loss is computed

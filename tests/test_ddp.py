@@ -72,7 +72,8 @@ def test_two_processes_complete_one_run_folder_with_the_global_step_count(ddp_ru
 
 
 def _single_process_eval(run: Path):
-    """Test loss and accuracy of the saved weights, evaluated in this process on the whole test set."""
+    """Test loss, accuracy and confusion matrix (numpy) of the saved weights, evaluated in this
+    process on the whole test set."""
     from core.config import RunConfig, load
     from core.backend import flow
     from core.data import BatchTransform
@@ -90,14 +91,19 @@ def _single_process_eval(run: Path):
         y = flow.tensor(p.test.labels)
         loss = float(flow.nn.functional.cross_entropy(out, y).item())
         acc = float((out.argmax(dim=1) == y).sum().item()) / len(p.test)
-    return loss, acc
+        matrix = np.zeros((len(p.test.classes),) * 2, np.int64)
+        np.add.at(matrix, (p.test.labels, out.numpy().argmax(axis=1)), 1)
+    return loss, acc, matrix
 
 
 def test_test_accuracy_counts_every_test_image_once(ddp_run):
     _, out, runs_dir, _ = ddp_run
     run = only_run(runs_dir)
     epoch = next(r for r in records(run) if r["event"] == "EpochEnded")
-    loss, acc = _single_process_eval(run)
+    (classes,) = [r for r in records(run) if r["event"] == "ClassResults"]
+    loss, acc, matrix = _single_process_eval(run)
+    assert classes["matrix"] == matrix.tolist()  # summed over the ranks: every test image once
+    assert all(w["index"] % 2 == 0 for w in classes["wrong"])  # rank 0's share of each batch
     assert epoch["test_acc"] == pytest.approx(acc, abs=1e-9)
     assert epoch["test_loss"] == pytest.approx(loss, abs=1e-5)
 

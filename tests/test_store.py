@@ -507,7 +507,7 @@ def mutate_json(rng, text: bytes) -> bytes:
     how = rng.randrange(11)
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a line mutated before into 50,000 brackets)
         data = None  # already mutated: mutate its bytes
     if how < 4 and isinstance(data, dict):
         keys = list(data) or ["x"]

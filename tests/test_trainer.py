@@ -29,8 +29,8 @@ def test_event_order_and_run_folder(tiny_cfg):
     # (machine records come from a thread, when its clock says: tests/test_machine.py)
     kinds = [type(e).__name__ for e in rec.events if not isinstance(e, ev.MachineSampled)]
     steps = "StepEnded " * 3
-    expected = ("RunStarted " + steps + "EpochEnded CheckpointSaved CheckpointSaved "
-                + steps + "EpochEnded CheckpointSaved").split()
+    expected = ("RunStarted " + steps + "ClassResults EpochEnded CheckpointSaved CheckpointSaved "
+                + steps + "ClassResults EpochEnded CheckpointSaved").split()
     # the second epoch writes "best" too only when test accuracy improved
     assert kinds[: len(expected)] == expected and kinds[-1] == "RunFinished"
     assert result.status == ev.COMPLETED and result.epochs_done == 2

@@ -575,7 +575,8 @@ async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await start_run(pilot, lambda: app.live.status == "running")
         bar = str(app.screen.query_one(KeyBar).render())
-        assert len(bar) <= 78 and all(k in bar for k in ("s Stop", "a Abort", "f1 Form", "f3 Runs", "^q Quit"))
+        # with every dashboard key shown, f1 f2 f3 lose their words (tui/keybar.py), no key is cut off
+        assert len(bar) <= 78 and all(k in bar for k in ("s Stop", "a Abort", "i Classes", "f1", "f3", "^q Quit"))
         await pilot.press("ctrl+q")
         await pilot.pause()
         dialog = app.screen

@@ -38,6 +38,7 @@ from core.config import RunConfig, from_mapping
 from core.plotdata import CURVES, EpochPoint, PlotControls, x_label
 from core.store import read_events
 from tui.dialogs import ConfirmScreen, CurvesScreen, PathScreen
+from tui.insight import InsightScreen
 from tui.keybar import KeyBar
 from tui.machine import MachinePanel, MachineUpdate
 from tui.plots import (CONTROL_KEYS, AccuracyPlot, LossPlot, LrPlot, PlotControlsMixin, palette_commands,
@@ -105,6 +106,7 @@ class DashboardScreen(PlotControlsMixin, Screen):
         Binding("r", "toggle_raw", "Raw loss"),
         Binding("l", "toggle_lr", "LR / loss plot"),
         Binding("h", "half_batch", "Half batch"),
+        Binding("i", "insight", "Classes"),
         Binding("plus", "more_epochs", "More epochs", show=False),
         Binding("minus", "fewer_epochs", "Fewer epochs", show=False),
         Binding("L", "scale_lr", "Scale LR", show=False),
@@ -157,6 +159,10 @@ class DashboardScreen(PlotControlsMixin, Screen):
         """The run failed for want of memory (`h` offers half the batch)."""
         self.queue: Optional[tuple] = None
         """(i, n) while the run is run i of an experiment's n (the ETA then covers them all)."""
+        self.class_results: Optional[ev.ClassResults] = None
+        """The latest epoch's per-class results (`i` shows them)."""
+        self.insight: Optional[InsightScreen] = None
+        """The per-class screen opened from here, fed as the run evaluates."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -415,6 +421,10 @@ class DashboardScreen(PlotControlsMixin, Screen):
             self.asked_epochs = 0  # taken (or refused): + / - count from the run's epochs again
             self.query_one("#epoch-bar", ProgressBar).update(total=self.epochs)
             self.log_line(f"[b]after epoch {event.epoch}[/b]: {escape(event.summary)}")
+        elif isinstance(event, ev.ClassResults):
+            self.class_results = event
+            if self.insight is not None and self.insight.is_attached:
+                self.insight.show_results(event)
         elif isinstance(event, ev.CheckpointSaved):
             self.log_line(f"[dim]checkpoint {event.kind} saved (epoch {event.epoch})[/dim]")
         elif isinstance(event, ev.MachineSampled):
@@ -669,6 +679,17 @@ class DashboardScreen(PlotControlsMixin, Screen):
         loss, lr = self.query_one(LossPlot), self.query_one(LrPlot)
         loss.display, lr.display = not loss.display, loss.display
         (lr if lr.display else loss).redraw_now()
+
+    def action_insight(self) -> None:
+        """The per-class results of the run shown (its latest epoch; updated as it evaluates)."""
+        run_dir = self.run_dir or (self.run.run_dir if self.run is not None else None)
+        if run_dir is None and self.started is not None:
+            run_dir = Path(self.started.run_dir)
+        if run_dir is None:
+            self.notify("No run shown yet: start one (F1) or open one (F3).", severity="warning")
+            return
+        self.insight = InsightScreen(run_dir, self.class_results, live=self.status in ("starting", "running"))
+        self.app.push_screen(self.insight)
 
     def action_back(self) -> None:
         if self.pushed:

@@ -24,6 +24,7 @@ from core.live import HEARTBEAT_FILE, STALE_SECONDS
 from core.experiment import list_experiments
 from core.store import RunRecord, RunsDirError, list_runs, read_events
 from tui.dialogs import ChoiceScreen, PathScreen
+from tui.insight import InsightScreen
 from tui.keybar import KeyBar
 from tui.plots import CONTROL_KEYS, AccuracyPlot, LossPlot, PlotControlsMixin, palette_commands, spare_bindings
 
@@ -71,6 +72,7 @@ class RunsScreen(PlotControlsMixin, Screen):
         Binding("R", "resume", "Resume"),
         Binding("x", "experiment", "Experiment"),
         Binding("E", "export", "Export"),
+        Binding("i", "insight", "Classes", show=False),  # (in the hint line: the bar is full at 80 columns)
         Binding("g", "reload", "Reload", show=False),  # (it reloads by itself while shown)
         *spare_bindings(CONTROL_KEYS),
     ]
@@ -168,7 +170,7 @@ class RunsScreen(PlotControlsMixin, Screen):
     def _update_hint(self) -> None:
         self.query_one("#runs-hint", Static).update(
             f"{len(self.runs)} run(s) in {escape(str(self.app.runs_dir))} · space: select to overlay ({len(self.selected)} "
-            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume · x: experiment · E: export" if self.runs else
+            f"selected) · enter: open · c: compare · e: edit & rerun · R: resume · x: experiment · E: export · i: classes" if self.runs else
             f"No runs in {escape(str(self.app.runs_dir))} yet: start one from the form (F1, then ctrl+r).")
 
     def current(self) -> RunRecord | None:
@@ -347,6 +349,12 @@ class RunsScreen(PlotControlsMixin, Screen):
             await self.app.start_experiment(exp=exp, background=form.background, processes=form.processes)
         else:
             self.app._show_experiment(exp)
+
+    def action_insight(self) -> None:
+        """The per-class results of the run under the cursor (followed while it runs)."""
+        run = self.readable_current()
+        if run is not None:
+            self.app.push_screen(InsightScreen(run.path, follow=run.summary["status"] == "running"))
 
     def action_reload(self) -> None:
         self.reload()

@@ -3,8 +3,9 @@
 1. form.svg, form-80x24.svg: the form as a fresh offline CPU machine opens it.
 2. a scratch run trains; its best checkpoint is the "pretrained" backbone of the other strategies
    (a local state-dict source, since ImageNet weights cannot be downloaded here).
-3. dashboard-live.svg: the dashboard mid-run (finetune, in the app's worker).
+3. dashboard-live.svg: the dashboard mid-run (finetune, in the app's worker), with the machine panel.
 4. runs-overlay.svg and runs-compare.svg: all four strategies overlaid and compared.
+5. insight.svg: the per-class results (heat map, table, most confidently wrong images) of a run.
 
 `python scripts/screenshots.py --demo-runs RUNS` (after `make demo`, RUNS its runs folder) writes
 demo-compare.svg instead: the demo's real comparison.
@@ -25,6 +26,7 @@ from core.config import RunConfig  # noqa: E402
 from core.suggest import machine_defaults  # noqa: E402
 from core.trainer import train  # noqa: E402
 from tui.app import TransferLabApp  # noqa: E402
+from tui.insight import InsightScreen, WrongCard  # noqa: E402
 
 OUT = ROOT / "screenshots"
 
@@ -49,7 +51,7 @@ async def shoot_form(cfg: RunConfig, notes, size, name: str) -> None:
 
 async def shoot_live(cfg: RunConfig) -> None:
     app = TransferLabApp(cfg)
-    async with app.run_test(size=(110, 34)) as pilot:
+    async with app.run_test(size=(130, 36)) as pilot:  # wide enough for the machine panel's column
         await pilot.pause()
         await pilot.press("ctrl+r")
         dash = lambda: app.screen  # noqa: E731
@@ -74,6 +76,13 @@ async def shoot_runs(cfg: RunConfig) -> None:
         await pilot.press("c")
         await pilot.pause(0.3)
         app.save_screenshot("runs-compare.svg", str(OUT))
+        await pilot.press("escape")
+        await pilot.pause(0.3)
+        await pilot.press("i")  # the per-class results of the run under the cursor
+        await wait_until(pilot, lambda: isinstance(app.screen, InsightScreen) and app.screen.results is not None
+                         and app.screen.query(WrongCard))
+        await pilot.pause(0.8)
+        app.save_screenshot("insight.svg", str(OUT))
 
 
 async def shoot_demo(runs_dir: Path) -> None:

@@ -41,9 +41,7 @@ FLUSH_SECONDS = 0.5
 """Aim: fetch about this often. OneFlow runs ops asynchronously, so the loop can queue many steps
 ahead of the device; fetching after as many steps as the device completes in this time (measured
 at each fetch) keeps listeners within ~0.5 s of the device: on a GPU a fetch every few dozen
-steps, on a CPU after every step. The newest step is left queued at a fetch (except the run's
-first, which is fetched at once to plot a point soon): the device computes it while Python builds
-the next one, as in the tutorial's loop, which never waits (waiting for each step cost ~5% on CPU)."""
+steps, on a CPU after every step (which takes seconds there, so the sync costs nothing)."""
 EVAL_BATCH_FACTOR, EVAL_BATCH_MAX = 4, 1024
 """Evaluation batches hold this many times the training batch, up to EVAL_BATCH_MAX images (never
 fewer than the training batch): without gradients, a batch needs no stored activations, so a
@@ -456,7 +454,6 @@ class Trainer:
     global_step: int = 0
     _pending: List = field(default_factory=list)
     _flush_every: int = 1
-    _fetched_once: bool = False
     dist: Optional[Dist] = None
     """Set when this process is one rank of several: batches are sharded, sums reduced."""
     unfrozen: bool = False
@@ -743,7 +740,7 @@ class Trainer:
             start = resume.state["step"]
             self._epoch_losses = list(resume.state["epoch_losses"])
             self._correct_before = resume.state["epoch_correct"]
-        self._window_start = time.time()
+        self._window_start, self._window_images = time.time(), 0
         self._correct = correct = []
         for step, idx in enumerate(order[start:], start + 1):
             self._check_control(epoch, step - 1)
@@ -766,13 +763,12 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.global_step += 1
             shown = loss.detach() if self.dist is None else self.dist.sum(loss.detach() / self.dist.world)
-            self._pending.append((step, self.global_step, shown, lrs, n_global))
+            self._pending.append((step, self.global_step, shown, lrs))
             hits = (out.detach().argmax(dim=1) == y).sum()
             correct.append(hits if weight else hits * 0)
-            if not self._fetched_once:
+            self._window_images += n_global
+            if len(self._pending) >= self._flush_every:
                 self._flush(epoch)
-            elif len(self._pending) > self._flush_every:
-                self._flush(epoch, keep=1)
         self._flush(epoch)
         if self.dist is None:
             train_acc = self._epoch_correct() / len(p.train)
@@ -799,25 +795,24 @@ class Trainer:
         done = int(flow.stack(self._correct).sum().item()) if self._correct else 0
         return self._correct_before + done
 
-    def _flush(self, epoch: int, keep: int = 0) -> None:
-        """Fetch the pending losses but the newest `keep` in one transfer and emit their StepEnded
-        events (images/s: the fetched steps' images over the time since the previous fetch)."""
-        fetched, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
-        if not fetched:
+    def _flush(self, epoch: int) -> None:
+        """Fetch the pending losses in one transfer and emit their StepEnded events."""
+        if not self._pending:
             return
-        values = flow.stack([loss for _, _, loss, _, _ in fetched]).numpy().tolist()
-        self._fetched_once = True
+        values = flow.stack([loss for _, _, loss, _ in self._pending]).numpy().tolist()
         now = time.time()
         elapsed = max(now - self._window_start, 1e-9)
-        rate = sum(n for *_, n in fetched) / elapsed
-        self._flush_every = int(min(FLUSH_STEPS, max(1, len(fetched) / elapsed * FLUSH_SECONDS)))
-        for (step, global_step, _, lrs, _), value in zip(fetched, values):
+        rate = self._window_images / elapsed
+        steps_per_second = len(self._pending) / elapsed
+        self._flush_every = int(min(FLUSH_STEPS, max(1, steps_per_second * FLUSH_SECONDS)))
+        for (step, global_step, _, lrs), value in zip(self._pending, values):
             if not math.isfinite(value):
                 self._pending.clear()
                 raise self._diverged(f"the loss became {value} at epoch {epoch} step {step}")
             self._epoch_losses.append(value)
             self.emit(ev.StepEnded(epoch, step, global_step, value, lrs, rate))
-        self._window_start = now
+        self._pending.clear()
+        self._window_start, self._window_images = now, 0
         sample = self.machine.take() if self.machine is not None else None
         if sample is not None:
             self.emit(sample)

@@ -1077,38 +1077,40 @@ def cmd_stop(runs_dir: str, ref: str, action: str, wait: float) -> int:
 RUN_HELP = "run id, a unique part of one, or the run's folder"
 
 
+def run_parser(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand that takes a RUN (and --runs-dir, where RUN is looked up)."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.add_argument("run", metavar="RUN", help=RUN_HELP)
+    parser.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
+    return parser
+
+
 def add_export_parsers(sub: Any) -> None:
-    export = sub.add_parser("export", help="a run's metrics as CSV, its model as safetensors or ONNX",
-                            description="Write a run's metrics as CSV and/or its trained model as a safetensors "
-                            "file (weights; class names, backbone, image size, normalisation and run id in its "
-                            "metadata) or an ONNX file (the same metadata; checked against OneFlow on the run's test "
-                            "images with ONNX Runtime). At least one of --csv, --safetensors, --onnx.")
-    export.add_argument("run", metavar="RUN", help=RUN_HELP)
+    export = run_parser(sub, "export", help="a run's metrics as CSV, its model as safetensors or ONNX",
+                        description="Write a run's metrics as CSV and/or its trained model as a safetensors "
+                        "file (weights; class names, backbone, image size, normalisation and run id in its "
+                        "metadata) or an ONNX file (the same metadata; checked against OneFlow on the run's test "
+                        "images with ONNX Runtime). At least one of --csv, --safetensors, --onnx.")
     export.add_argument("--csv", metavar="PATH", help="the metrics: a row per step and per epoch")
     export.add_argument("--safetensors", metavar="PATH", help="the model's weights with what is needed to use them")
     export.add_argument("--onnx", metavar="PATH", help="the model as ONNX: input one image, (1, 3, S, S) float32 at the run's "
                         "image size S, normalised as in the safetensors metadata; output (1, classes) logits")
     export.add_argument("--checkpoint", choices=("best", "last"),
                         help="which checkpoint (default: best when the run has one, else last)")
-    export.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
-    predict = sub.add_parser("predict", help="classify image files with a run's model",
-                             description="The top classes of each image, with probabilities, using the run's "
-                             "preprocessing (its image size and normalisation). A file that is not a readable "
-                             "image gets one line; the others are still predicted (exit 1 if any failed).")
-    predict.add_argument("run", metavar="RUN", help=RUN_HELP)
+    predict = run_parser(sub, "predict", help="classify image files with a run's model",
+                         description="The top classes of each image, with probabilities, using the run's "
+                         "preprocessing (its image size and normalisation). A file that is not a readable "
+                         "image gets one line; the others are still predicted (exit 1 if any failed).")
     predict.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG...)")
     predict.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
     predict.add_argument("--checkpoint", choices=("best", "last"),
                          help="which checkpoint (default: best when the run has one, else last)")
-    predict.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
-    report = sub.add_parser("report", help="a run's per-class results: precision, recall, the confusion matrix",
-                            description="Per-class precision, recall and accuracy, the confusion matrix (rows: "
-                            "true class, columns: predicted) and the most confidently wrong test images of a "
-                            "run's latest evaluated epoch (or --epoch N). Exit 2 for a run without per-class "
-                            "results (one older than them) or an epoch not recorded.")
-    report.add_argument("run", metavar="RUN", help=RUN_HELP)
+    report = run_parser(sub, "report", help="a run's per-class results: precision, recall, the confusion matrix",
+                        description="Per-class precision, recall and accuracy, the confusion matrix (rows: "
+                        "true class, columns: predicted) and the most confidently wrong test images of a "
+                        "run's latest evaluated epoch (or --epoch N). Exit 2 for a run without per-class "
+                        "results (one older than them) or an epoch not recorded.")
     report.add_argument("--epoch", type=int, metavar="N", help="the epoch to show (default: the latest)")
-    report.add_argument("--runs-dir", default="./runs", help="folder holding the runs (default: ./runs)")
 
 
 def _run_arg(args: argparse.Namespace) -> Path:

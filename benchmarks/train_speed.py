@@ -9,6 +9,8 @@ size, batch and epochs, it runs
   3. the data pipeline alone at 224 px: the tutorial's DataLoader (per-image PIL transforms) at its
      best worker count (0, 2 or 4) against TransferLab's batched transform on the device;
 and prints images/s, the ratios with their targets (issue 10), and the host bytes per image.
+Without --quick it also runs TransferLab's fine-tune and frozen run with OneFlow's own CPU
+convolutions (core.cpu_conv off), to show what the trainer and the feature cache give alone.
 
 TransferLab's epochs are timed around its trainer's own epoch and evaluation methods; a whole
 run is timed from its RunStarted event to its end (checkpoints included), the tutorial's from
@@ -92,10 +94,12 @@ def prefilled(real: Any) -> Any:
 
 
 def transferlab_run(strategy: str, n_train: int, n_test: int, size: int, batch: int, epochs: int,
-                    runs_dir: str, prefill: bool = False) -> Dict[str, Any]:
+                    runs_dir: str, prefill: bool = False, oneflow_convs: bool = False) -> Dict[str, Any]:
     """TransferLab's `strategy` through its trainer (as `transferlab train` runs it), timed the
     same way: each epoch's training and evaluation, and the run from RunStarted to its end. With
-    `prefill`, the feature cache is filled before the first epoch (not timed)."""
+    `prefill`, the feature cache is filled before the first epoch (not timed); with
+    `oneflow_convs`, every convolution runs on OneFlow's own CPU kernel (core.cpu_conv off)."""
+    from core import cpu_conv
     from core import events as ev
     from core import trainer
     from core.config import RunConfig
@@ -130,6 +134,9 @@ def transferlab_run(strategy: str, n_train: int, n_test: int, size: int, batch: 
     fill = trainer.Trainer._feature_caches
     if prefill:
         trainer.Trainer._feature_caches = prefilled(fill)
+    positions = cpu_conv.MAX_POSITIONS
+    if oneflow_convs:
+        cpu_conv.MAX_POSITIONS = 0
     called = time.perf_counter()
     try:
         finished = trainer.train(cfg, [listener])
@@ -137,6 +144,7 @@ def transferlab_run(strategy: str, n_train: int, n_test: int, size: int, batch: 
         for name, method in real.items():
             setattr(trainer.Trainer, name, method)
         trainer.Trainer._feature_caches = fill
+        cpu_conv.MAX_POSITIONS = positions
     if finished.status != ev.COMPLETED:
         raise SystemExit(f"TransferLab's {strategy} run ended {finished.status}: {finished.message}")
     return {"epochs": times["_train_epoch"], "evals": times["_evaluate"],
@@ -253,6 +261,12 @@ def main() -> int:
                               "frozen", n_train, n_test, args.size, args.batch, 2, runs_dir, prefill=True))):
             print(f"{name}...", flush=True)
             results[name] = run()
+        if not args.quick:  # what the trainer and the cache give without core.cpu_conv
+            for strategy, epochs in (("finetune", 2), ("frozen", 3)):
+                print(f"{strategy}, OneFlow's own convolutions...", flush=True)
+                results[f"{strategy}, oneflow convs"] = transferlab_run(strategy, n_train, n_test, args.size,
+                                                                       args.batch, epochs, runs_dir,
+                                                                       oneflow_convs=True)
         firsts = {name: first_point(name, n_train, n_test, args.size, args.batch, runs_dir)
                   for name in ("discriminative", "scratch")}
 
@@ -289,6 +303,12 @@ def main() -> int:
           + ", ".join(f"{name} {firsts[name]:.1f} s" for name in ("finetune", "discriminative", "frozen", "scratch")))
     for note in fr["notes"]:
         print(f"TransferLab frozen: {note}")
+    if "finetune, oneflow convs" in results:
+        plain_ft, plain_fr = results["finetune, oneflow convs"], results["frozen, oneflow convs"]
+        print(f"with OneFlow's own CPU convolutions (core.cpu_conv off): fine-tune "
+              f"{rate(n_train, plain_ft['epochs']):.1f} img/s "
+              f"({rate(n_train, plain_ft['epochs']) / rate(n_train, t1['epochs']):.2f}x the tutorial: the trainer alone), "
+              f"frozen 3-epoch run {plain_fr['run']:.1f} s ({t3['run'] / plain_fr['run']:.2f}x: the feature cache alone)")
     print()
     print("ratio (TransferLab vs the tutorial)          measured   target")
     failed = 0

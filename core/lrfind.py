@@ -158,6 +158,7 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     if problems:
         raise SweepError("; ".join(problems))
     from core.backend import flow
+    from core.cpu_conv import batched_small_convs
     from core.data import BatchTransform, batches
     from core.strategies import build_param_groups, set_train_mode
     from core.trainer import prepare, training_loss
@@ -187,13 +188,14 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     avg, started = 0.0, time.monotonic()
     for i, (lr, idx) in enumerate(zip(lrs, order), 1):
         if cancel is not None and cancel.is_set():
-            stopped, why = CANCELLED, f"cancelled after {i - 1} of {planned} steps"
+            stopped, why = CANCELLED, f"cancelled after {i - 1} of {planned} step{'s' * (planned != 1)}"
             break
         for group in optimizer.param_groups:
             group["lr"] = float(lr) * scale[group["name"]]
         x = transform(p.train.images[idx], True, rng)
         y = flow.tensor(p.train.labels[idx], device=p.device)
-        loss = loss_fn(model(x), y)
+        with batched_small_convs(model, p.device):  # the trainer's CPU speed-up (core.cpu_conv)
+            loss = loss_fn(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -213,7 +215,7 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
             break
     suggestion, reason = suggest([pt.lr for pt in points], [pt.smoothed for pt in points])
     if stopped == FINISHED:
-        why = f"{len(points)} steps, lr {format_lr(lrs[0])} to {format_lr(lrs[-1])}"
+        why = f"{len(points)} step{'s' * (len(points) != 1)}, lr {format_lr(lrs[0])} to {format_lr(lrs[-1])}"
         if planned < steps:
             why += f" (one pass over the {len(p.train)} training images)"
     if suggestion is None and stopped != CANCELLED:

@@ -17,6 +17,7 @@ import numpy as np
 from core import events as ev
 from core.backend import flow, gpu_capability, pick_device, seed_everything
 from core.config import RunConfig, check, validate
+from core.cpu_conv import batched_small_convs
 from core.errors import SetupError
 from core.data import ArrayData, BatchTransform, batch_count, batches, load_dataset
 from core.features import (CachePlan, FeatureCache, cache_cap, feature_size, megabytes, tail_name,
@@ -473,6 +474,11 @@ class Trainer:
             listener(event)
 
     def run(self) -> ev.RunFinished:
+        # On the CPU, OneFlow 0.9's convolutions of small maps are slow one image at a time (core.cpu_conv)
+        with batched_small_convs(self.p.model, self.p.device):
+            return self._run()
+
+    def _run(self) -> ev.RunFinished:
         p, cfg, resume = self.p, self.p.cfg, self.p.resume
         started = time.time() - (resume.seconds if resume else 0.0)
         status, message, epochs_done = ev.COMPLETED, "", 0

@@ -88,7 +88,7 @@ async def test_the_dashboard_asks_for_more_epochs_with_plus(tmp_path):
     from test_tui import start_run, wait_until
     from tui.app import TransferLabApp
 
-    app = TransferLabApp(tiny(tmp_path, epochs=1, limit_train=160, batch_size=8))
+    app = TransferLabApp(tiny(tmp_path, epochs=1, limit_train=480, batch_size=8))
     async with app.run_test(size=(100, 32)) as pilot:
         await start_run(pilot, lambda: app.live is not None and app.live.status == "running")
         dash = app.screen

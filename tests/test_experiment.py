@@ -276,7 +276,7 @@ async def test_attaching_to_a_run_of_a_detached_experiment_follows_the_experimen
     from test_tui import wait_until
 
     runs_dir = str(tmp_path / "runs")
-    started = _cli("experiment", *TINY, "--limit-train", "96", "--batch-size", "8", "--strategies", "frozen,scratch",
+    started = _cli("experiment", *TINY, "--limit-train", "320", "--batch-size", "8", "--strategies", "frozen,scratch",
                    "--runs-dir", runs_dir, "--detach")
     assert started.returncode == 0, started.stderr
     run_dir = cli.run_or_experiment(runs_dir, the_experiment(runs_dir).id)

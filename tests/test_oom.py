@@ -88,3 +88,37 @@ def test_half_of_an_odd_batch_scales_the_learning_rates_by_the_batches_ratio(tin
     assert smaller.lr == pytest.approx(0.01) and smaller.lr_backbone == pytest.approx(0.001)
     assert halved(tiny_cfg.replace(batch_size=64, lr=0.01)).lr == pytest.approx(0.005)
     assert halved(tiny_cfg.replace(batch_size=1)) is None
+
+
+async def test_in_an_experiment_half_the_batch_runs_the_whole_experiment_again(tmp_path, out_of_memory):
+    """Its runs are compared only at one batch size: `h` after a run of an experiment ran out of
+    memory starts the experiment again as a new one, every strategy at half the batch (it
+    started one run outside the experiment)."""
+    from core import experiment as X
+    from test_tui import tiny, wait_until
+    from tui.app import TransferLabApp
+    from tui.dialogs import ConfirmScreen
+
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.pause()
+        assert await app.start_experiment(tiny(tmp_path), ["frozen", "scratch"])
+        await wait_until(pilot, lambda: app.experiment is None and app.live is not None
+                         and app.live.status == ev.FAILED)
+        dash = app.dashboard
+        await wait_until(pilot, lambda: app.screen is dash and dash.check_action("half_batch", ()))
+        await pilot.press("h")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        question = app.screen.question
+        (first,) = [exp for _, exp, _ in X.list_experiments(tmp_path / "runs")]
+        assert f"experiment {first.id} (frozen, scratch) again" in question and "batch size 8 (was 16)" in question
+        out_of_memory.clear()
+        await pilot.press("y")
+        await wait_until(pilot, lambda: len(X.list_experiments(tmp_path / "runs")) == 2
+                         and all(e.complete() for _, e, _ in X.list_experiments(tmp_path / "runs")
+                                 if e is not None and e.id != first.id), timeout=300)
+    (second,) = [e for _, e, _ in X.list_experiments(tmp_path / "runs") if e.id != first.id]
+    assert second.strategies == ["frozen", "scratch"] and second.settings.batch_size == 8
+    by_id = {run.run_id: run for run in list_runs(tmp_path / "runs")}
+    assert [by_id[second.runs[s]].config.batch_size for s in second.strategies] == [8, 8]
+    assert len(by_id) == 3  # the failed run, and the new experiment's two: no run outside it

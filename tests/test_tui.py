@@ -525,7 +525,7 @@ def run_app_with(monkeypatch, cfg, script):
     return app_module.run_app(cfg, set()), seen
 
 
-LONGER = dict(epochs=3, limit_train=96)
+LONGER = dict(epochs=3, limit_train=288)  # long enough to be running when the interface ends
 
 
 def test_keep_training_in_the_background_ends_the_interface_and_the_run_completes(tmp_path, monkeypatch):

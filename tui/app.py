@@ -25,7 +25,7 @@ from textual import events, on, work
 from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.message import Message
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from core import events as ev
@@ -566,6 +566,8 @@ class TransferLabApp(InstantSwitchApp):
         yield from super().get_system_commands(screen)
         for name, help, callback in getattr(screen, "palette_commands", list)():  # the dashboard's plots
             yield SystemCommand(name, help, callback)
+        if isinstance(screen, ModalScreen):  # a dialog or the LR finder: what it offers, not the screens' actions
+            return
         form = self.mode_screen("form")
         if not self.running and form is not None and form.valid_config() is not None:
             yield SystemCommand("Start run", "Train with the settings in the form", form.action_start)

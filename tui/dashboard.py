@@ -543,18 +543,27 @@ class DashboardScreen(PlotControlsMixin, Screen):
         scaled the same way (shown before it starts)."""
         from core.trainer import halved
 
+        from core.experiment import of_run
+
         if not self.check_action("half_batch", ()):
             return
         cfg, smaller = self.cfg, halved(self.cfg)
+        # A run of an experiment: its runs are compared only at the same batch, so the experiment
+        # starts again, every strategy at the smaller batch (the runs it has stay as they are).
+        exp = of_run(Path(self.started.run_dir)) if self.started is not None else None
 
         async def confirmed(yes: Optional[bool]) -> None:
-            if yes:
+            if yes and exp is not None:
+                await self.app.start_experiment(halved(exp.settings), exp.strategies)
+            elif yes:
                 await self.app.start_run(smaller)
 
         lrs = f"learning rate {smaller.lr:g} (was {cfg.lr:g})" + (
             f", backbone {smaller.lr_backbone:g} (was {cfg.lr_backbone:g})" if cfg.strategy == "discriminative" else "")
-        self.app.push_screen(ConfirmScreen(f"Run again with batch size {smaller.batch_size} (was {cfg.batch_size}) "
-                                           f"and {lrs}?", "Start"), confirmed)
+        what = (f"Run experiment {exp.id} ({', '.join(exp.strategies)}) again as a new experiment"
+                if exp is not None else "Run again")
+        self.app.push_screen(ConfirmScreen(escape(f"{what} with batch size {smaller.batch_size} (was {cfg.batch_size}) "
+                                                  f"and {lrs}?"), "Start"), confirmed)
 
     def action_stop(self) -> None:
         if self.check_action("stop", ()):

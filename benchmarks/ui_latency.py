@@ -12,7 +12,7 @@ Runs, side by side on this machine, the same digits run (ResNet-18, random init,
    its training loop, on the same images, model and optimizer.
 
 Prints p50/p95/max latency (target: p95 < 100 ms) and the throughput ratios.
-Usage: .venv/bin/python benchmarks/ui_latency.py [--presses 40] [--epochs 2]
+Usage: .venv/bin/python benchmarks/ui_latency.py [--presses 40] [--epochs 6]
 """
 from __future__ import annotations
 
@@ -112,9 +112,9 @@ def bench_tui(work: Path, presses: int, epochs: int) -> tuple:
         latencies = {"r (re-plot the loss)": [], "F1/F2/F3 (switch screens)": []}
         for i in range(presses):
             # r toggles the raw loss curve: the plot is rebuilt and its title changes
-            before = "smoothed only" in screen()
+            before = "raw hidden" in screen()
             latencies["r (re-plot the loss)"].append(
-                press(output, "r", lambda s: ("smoothed only" in s) != before))
+                press(output, "r", lambda s: ("raw hidden" in s) != before))
             time.sleep(random.uniform(0.2, 0.5))
             # F3 opens the runs screen (a table and two plots), F1 the form (every field of the
             # config), F2 comes back to the dashboard; each press waits for a text only it shows
@@ -157,7 +157,7 @@ def bench_tutorial() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presses", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6, help="long enough for the presses (default 6)")
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput runs")
     args = parser.parse_args()
     if shutil.which("tmux") is None:

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from core import config as C
 from core import events as ev
-from core.errors import printable
+from core.errors import interrupted, printable
 from core.report import (COMPARISON_COLUMNS, comparable_groups, comparison_cells, comparison_rows,
                          newest_per_strategy, run_row)
 
@@ -694,11 +694,12 @@ def training_imported(err: Any) -> bool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
     except (KeyboardInterrupt, ImportError) as exc:
-        if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+        if not interrupted(exc):
             raise
         err.print("interrupted before training started; nothing was written")
         return False
     return True
+
 
 
 def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listeners: Sequence[Any] = ()) -> int:
@@ -726,7 +727,7 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listen
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
-            if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+            if not interrupted(exc):
                 raise
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
@@ -743,7 +744,9 @@ def cmd_train(cfg: Optional[C.RunConfig], resume: Optional[tuple] = None, listen
         except SetupError as exc:
             print_setup_error(err, exc)
             return EXIT_FAILED
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, ImportError) as exc:  # the data's imports (scikit-learn's) too
+            if not interrupted(exc):
+                raise
             err.print("interrupted before training started; nothing was written")
             return EXIT_ABORTED
     previous = {sig: signal.signal(sig, _stop_handler(run.control, console)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -925,7 +928,7 @@ def cmd_lr_find(cfg: C.RunConfig, sweep: Dict[str, Any], plot_sweep: Optional[Sw
         with progress:
             result = lrfind.lr_find(cfg, on_step=on_step, **sweep)
     except (KeyboardInterrupt, ImportError) as exc:  # oneflow's import turns a Ctrl-C into ImportError
-        if isinstance(exc, ImportError) and "KeyboardInterrupt" not in str(exc):
+        if not interrupted(exc):
             raise
         err.print("interrupted: no learning rate suggested; nothing was written", markup=False)
         return EXIT_ABORTED

@@ -27,6 +27,18 @@ class SetupError(RuntimeError):
         return [printable(p) for p in self.problems] or [printable(str(self))]
 
 
+def interrupted(exc: BaseException) -> bool:
+    """A Ctrl-C (or SIGTERM), also when it came during an import: a C extension's import turns
+    it into an ImportError, naming it (oneflow's) or with it as the cause (scipy's, under
+    scikit-learn's digits: "initialization failed")."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, ImportError) and "KeyboardInterrupt" in str(exc)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def printable(text: str, limit: int = MAX_LINE) -> str:
     """`text` on one line: newlines and other control characters as spaces, at most `limit`
     characters (then "...")."""

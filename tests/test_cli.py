@@ -300,3 +300,36 @@ def test_no_thread_takes_ctrl_c_while_oneflow_is_imported(tmp_path):
     masks = eval(line[len("masks"):])  # noqa: S307 (our own subprocess's list of tuples)
     assert len(masks) >= 2, out.stdout + out.stderr  # the main thread and numpy's BLAS worker(s)
     assert [pid for pid, blocked in masks if not blocked] == [], masks
+
+
+def _interrupted_import():
+    """What a Ctrl-C inside a C extension's import raised (seen on CI: scipy's, as scikit-learn
+    loads the digits): an ImportError caused by the KeyboardInterrupt."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ctrl_c:
+            raise ImportError("initialization failed") from ctrl_c
+    except ImportError as exc:
+        return exc
+
+
+def test_a_ctrl_c_that_became_an_import_error_while_the_data_loads_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    from core import cli, data
+
+    def load_digits():
+        raise _interrupted_import()
+
+    monkeypatch.setattr(data, "load_digits", load_digits)
+    code = cli.main(["train", *TINY, "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ABORTED and "interrupted before training started" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_an_import_error_of_its_own_is_not_taken_for_a_ctrl_c():
+    from core.errors import interrupted
+
+    assert interrupted(_interrupted_import()) and interrupted(KeyboardInterrupt())
+    assert interrupted(ImportError("KeyboardInterrupt: oneflow's import"))  # how oneflow's says it
+    assert not interrupted(ImportError("No module named 'sklearn'")) and not interrupted(ValueError("x"))

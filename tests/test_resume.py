@@ -20,6 +20,15 @@ STEPS_PER_EPOCH = 4
 TOLERANCE = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _each_step_told_at_once(monkeypatch):
+    """A stop asked by a listener at step N lands at the next step boundary: the trainer tells
+    every step at once (fast steps are told in batches, and a stop asked at step 6 landed at 8)."""
+    from core import trainer
+
+    monkeypatch.setattr(trainer, "FLUSH_STEPS", 1)
+
+
 def cfg_for(runs_dir, **changes):
     """Tiny digits, flips on (the random state matters), 4 steps per epoch, 4 epochs."""
     return RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=16, epochs=4,

@@ -32,7 +32,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C that waited arrives now
         return cli_main(argv, launch_tui=launch, plot_sweep=plot_sweep)
-    except KeyboardInterrupt:  # Ctrl-C before a command set up its own handling
+    except (KeyboardInterrupt, ImportError) as exc:  # Ctrl-C before a command set up its own handling
+        from core.errors import interrupted
+
+        if not interrupted(exc):
+            raise
         print("interrupted", file=sys.stderr)
         return 130
 

@@ -1214,7 +1214,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if results is None:
         if not recorded:
             err.print(f"error: run {printable(run_dir.name)} has no per-class results (it was trained before "
-                      "TransferLab recorded them, or has not finished an epoch)", markup=False)
+                      f"TransferLab recorded them, has not finished an epoch, or has over {ev.MAX_CLASSES} classes)",
+                      markup=False)
         else:
             err.print(f"error: run {printable(run_dir.name)} has no per-class results for epoch {args.epoch}; "
                       f"recorded: {', '.join(str(r.epoch) for r in recorded)}", markup=False)

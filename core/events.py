@@ -186,8 +186,45 @@ EVENT_TYPES = {cls.__name__: cls for cls in (RunStarted, StepEnded, EpochEnded, 
 
 
 def to_record(event: Event) -> Dict[str, Any]:
-    """A JSON-ready dict with the event's type under "event"."""
-    return {"event": type(event).__name__, **asdict(event)}
+    """A JSON-ready dict with the event's type under "event". A ClassResults' matrix of more
+    than DENSE_CLASSES classes is written as its non-zero cells (see sparse_matrix)."""
+    record = {"event": type(event).__name__, **asdict(event)}
+    if isinstance(event, ClassResults) and len(event.classes) > DENSE_CLASSES:
+        record["matrix"] = sparse_matrix(event.matrix)
+    return record
+
+
+DENSE_CLASSES = 64
+"""Up to this many classes a confusion matrix is written whole (a readable 10 x 10 for CIFAR-10);
+above, its rows would outgrow a metrics line (1 MB: about 570 classes of zeros) while a test set
+fills at most as many cells as it has images."""
+MAX_CLASSES = 1000
+"""A ClassResults of more classes is not recorded (core.trainer) nor read: read back, its matrix
+would take C x C numbers of memory, whatever the file's size."""
+
+
+def sparse_matrix(matrix: List[List[int]]) -> Dict[str, Any]:
+    """A confusion matrix as {"cells": [[true, predicted, count], ...]}, its non-zero cells."""
+    return {"cells": [[i, j, n] for i, row in enumerate(matrix) for j, n in enumerate(row) if n]}
+
+
+def dense_matrix(value: Any, size: int) -> List[List[int]]:
+    """The C x C matrix of a record's {"cells": [[true, predicted, count], ...]} (read from a
+    file: each cell three ints, the classes within 0..size-1, each cell once)."""
+    cells = value.get("cells") if isinstance(value, dict) and set(value) == {"cells"} else None
+    if type(cells) is not list or len(cells) > size * size:
+        raise ValueError("the confusion matrix's cells must be a list of [true, predicted, count]")
+    matrix = [[0] * size for _ in range(size)]
+    seen = set()
+    for cell in cells:
+        if type(cell) is not list or len(cell) != 3 or any(type(n) is not int for n in cell):
+            raise ValueError(f"a confusion matrix cell must be [true, predicted, count], got {short(cell)}")
+        i, j, n = cell
+        if not (0 <= i < size and 0 <= j < size) or (i, j) in seen or not 0 < n <= MAX_INT:
+            raise ValueError(f"confusion matrix cell {short(cell)}: classes out of range, repeated, or not a count")
+        seen.add((i, j))
+        matrix[i][j] = n
+    return matrix
 
 
 def from_line(line: bytes) -> Optional[Event]:
@@ -211,6 +248,8 @@ def from_record(record: Any) -> Event:
     cls = EVENT_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise ValueError(f"unknown event {short(type_name)}")
+    if cls is ClassResults:
+        record = _dense_class_results(record)
     values = _values(cls, record)
     if cls in (RunStarted, SettingsChanged):
         _check_config(values["config"])
@@ -237,6 +276,17 @@ def _values(cls: type, record: Dict[str, Any]) -> Dict[str, Any]:
 
 MAX_WRONG = 64
 """A ClassResults record lists at most this many images (the trainer keeps 8)."""
+
+
+def _dense_class_results(record: Dict[str, Any]) -> Dict[str, Any]:
+    """A ClassResults record with its matrix whole: written as cells (to_record) for many
+    classes; at most MAX_CLASSES classes either way."""
+    classes = record.get("classes")
+    if type(classes) is list and len(classes) > MAX_CLASSES:
+        raise ValueError(f"ClassResults of {len(classes)} classes (at most {MAX_CLASSES} are kept)")
+    if type(classes) is list and isinstance(record.get("matrix"), dict):
+        return {**record, "matrix": dense_matrix(record["matrix"], len(classes))}
+    return record
 
 
 def _check_class_results(values: Dict[str, Any]) -> None:

@@ -832,7 +832,8 @@ class Trainer:
         p.model.eval()
         total_loss = total_correct = None
         size = len(p.train.classes)
-        tally = ClassTally(size, WRONG_SHOWN, p.device)
+        # per-class results up to ev.MAX_CLASSES classes (the matrix has size x size counts)
+        tally = ClassTally(size, WRONG_SHOWN, p.device) if size <= ev.MAX_CLASSES else None
         with flow.no_grad():
             for idx in batches(len(p.test), eval_batch_size(p.cfg.batch_size), False, self.rng):
                 self._check_control(epoch, self.steps_per_epoch)
@@ -852,15 +853,18 @@ class Trainer:
                     batch_loss, hits = batch_loss * 0, hits * 0
                 total_loss = batch_loss if total_loss is None else total_loss + batch_loss
                 total_correct = hits if total_correct is None else total_correct + hits
-                tally.add(out, predicted, y, idx, weight)
-        totals = flow.cat([flow.stack([total_loss.to(flow.float64), total_correct.to(flow.float64)]),
-                           tally.matrix.to(flow.float64)])
+                if tally is not None:
+                    tally.add(out, predicted, y, idx, weight)
+        totals = flow.stack([total_loss.to(flow.float64), total_correct.to(flow.float64)])
+        if tally is not None:
+            totals = flow.cat([totals, tally.matrix.to(flow.float64)])
         if self.dist is not None:
             totals = self.dist.sum(totals)
-        values = flow.cat([totals, tally.top()]).numpy()  # the one transfer
+        values = (totals if tally is None else flow.cat([totals, tally.top()])).numpy()  # the one transfer
         loss, correct = values[:2].tolist()
-        self.class_tally = (epoch, values[2:2 + size * size].round().astype(np.int64).reshape(size, size),
-                            tally.wrong(values[2 + size * size:]))
+        if tally is not None:
+            self.class_tally = (epoch, values[2:2 + size * size].round().astype(np.int64).reshape(size, size),
+                                tally.wrong(values[2 + size * size:]))
         return loss / len(p.test), correct / len(p.test)
 
     def _class_results(self, epoch: int) -> Optional[ev.ClassResults]:

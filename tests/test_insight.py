@@ -111,7 +111,15 @@ GOOD = {"event": "ClassResults", "epoch": 1, "classes": ["a", "b"], "matrix": [[
     {"matrix": [[3, 1.5], [0, 2]]},                  # not a count
     {"matrix": [[3, True], [0, 2]]},                 # a bool
     {"matrix": "3 1 0 2"},
+    {"matrix": {"cells": [[0, 0, 3], [0, 2, 1]]}},    # written as cells: a class out of range
+    {"matrix": {"cells": [[0, 0, 3], [0, 0, 1]]}},    # a cell twice
+    {"matrix": {"cells": [[0, 0, -3]]}},              # not a count
+    {"matrix": {"cells": [[0, 0, True]]}},            # a bool
+    {"matrix": {"cells": [[0, 0]]}},                  # not a triple
+    {"matrix": {"cells": [[0, 0, 1]], "rows": 2}},    # anything else
+    {"matrix": {"cells": "0 0 1"}},
     {"classes": []},
+    {"classes": [str(i) for i in range(1001)], "matrix": {"cells": []}, "wrong": []},  # C x C in memory: refused
     {"wrong": [{"file": "x.png", "index": 4, "label": 0, "predicted": 0, "confidence": 0.9}]},  # right, not wrong
     {"wrong": [{"file": "x.png", "index": 4, "label": 0, "predicted": 2, "confidence": 0.9}]},  # no class 2
     {"wrong": [{"file": "x.png", "index": 4, "label": 0, "predicted": 1, "confidence": 1.5}]},
@@ -127,6 +135,33 @@ def test_a_malformed_class_results_record_is_rejected(change):
     line = json.dumps({**GOOD, **change}).encode()
     assert ev.from_line(line) is None  # a reader skips it
 
+
+
+def test_a_matrix_of_many_classes_is_written_as_its_cells_and_read_back_whole():
+    """600 classes: written whole, the matrix's line (about 1.1 MB) was over a metrics line's
+    1 MB cap, and readers skipped it: the run had no per-class results."""
+    from core.files import MAX_LINE
+
+    size = 600
+    matrix = [[0] * size for _ in range(size)]
+    for i in range(size):
+        matrix[i][i], matrix[i][(i * 7) % size] = 3, matrix[i][(i * 7) % size] + 1
+    results = ev.ClassResults(2, tuple(f"class {i}" for i in range(size)), matrix,
+                              (ev.WrongImage("wrong/epoch-002/0.png", 5, 1, 7, 0.75),))
+    line = json.dumps(ev.to_record(results)).encode()
+    assert len(line) < MAX_LINE // 20
+    assert ev.from_line(line) == results
+    small = ev.ClassResults(1, ("a", "b"), [[3, 1], [0, 2]])
+    assert ev.to_record(small)["matrix"] == [[3, 1], [0, 2]]  # a few classes: written whole, readable
+
+
+def test_a_run_of_more_classes_than_kept_records_no_class_results(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(ev, "MAX_CLASSES", 5)  # digits has 10
+    finished = train(tiny_cfg)
+    assert finished.status == ev.COMPLETED and finished.final_test_acc is not None
+    (run,) = list_runs(tiny_cfg.runs_dir)
+    assert not recorded(run.path, ev.ClassResults) and recorded(run.path, ev.EpochEnded)
+    assert not (run.path / "wrong").exists() or not any((run.path / "wrong").iterdir())
 
 def write_metrics(run_dir, *records):
     run_dir.mkdir(parents=True, exist_ok=True)

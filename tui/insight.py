@@ -213,7 +213,8 @@ class InsightScreen(Screen):
             self._say(f"[b red]per-class results unreadable[/b red]: {escape(printable(message.error))}")
         elif message.results is None:
             self._say("No per-class results in this run: they are recorded at each evaluation (runs trained "
-                      "before TransferLab recorded them have none)." if not self.live else
+                      f"before TransferLab recorded them, and runs of over {ev.MAX_CLASSES} classes, have none)."
+                      if not self.live else
                       "No per-class results yet: they come with the run's first evaluation.")
         elif self.results is None or message.results.epoch >= self.results.epoch:
             self.show_results(message.results)

@@ -125,7 +125,9 @@ async def test_the_app_runs_an_experiment_pauses_it_and_continues_it(tmp_path):
     from tui.runs import CompareScreen, RunsScreen
     from test_tui import wait_until
 
-    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=8, limit_train=400,
+    # the frozen run first: 150 steps (400 images took 1.2 s with the feature cache and core.cpu_conv,
+    # and the stop missed it once in a full test run)
+    cfg = RunConfig(dataset="digits", pretrained="none", image_size=16, batch_size=8, limit_train=1200,
                     limit_test=32, epochs=1, device="cpu", runs_dir=str(tmp_path / "runs"))
     app = TransferLabApp(cfg)
     async with app.run_test(size=(120, 36)) as pilot:

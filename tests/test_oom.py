@@ -122,3 +122,35 @@ async def test_in_an_experiment_half_the_batch_runs_the_whole_experiment_again(t
     by_id = {run.run_id: run for run in list_runs(tmp_path / "runs")}
     assert [by_id[second.runs[s]].config.batch_size for s in second.strategies] == [8, 8]
     assert len(by_id) == 3  # the failed run, and the new experiment's two: no run outside it
+
+
+async def test_half_the_batch_of_an_experiment_stays_in_its_runs_folder(tmp_path, out_of_memory):
+    """The new experiment goes where the old one is (its runs folder, as `Experiment.config` says),
+    not to the runs folder written in its settings: that one is where it was created, gone when
+    the runs folder was moved (or another folder, for a relative path from elsewhere)."""
+    from core import experiment as X
+    from core.store import atomic_write_json
+    from test_tui import tiny, wait_until
+    from tui.app import TransferLabApp
+    from tui.dialogs import ConfirmScreen
+
+    runs, elsewhere = tmp_path / "runs", tmp_path / "moved-from" / "runs"
+    app = TransferLabApp(tiny(tmp_path))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await pilot.pause()
+        assert await app.start_experiment(tiny(tmp_path), ["frozen", "scratch"])
+        await wait_until(pilot, lambda: app.experiment is None and app.live is not None
+                         and app.live.status == ev.FAILED)
+        (first,) = [exp for _, exp, _ in X.list_experiments(runs)]
+        data = json.loads((first.path / X.FILE).read_text())
+        data["settings"]["runs_dir"] = str(elsewhere)  # created there, then the folder was moved here
+        atomic_write_json(first.path / X.FILE, data)
+        dash = app.dashboard
+        await wait_until(pilot, lambda: app.screen is dash and dash.check_action("half_batch", ()))
+        await pilot.press("h")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")  # still out of memory: the new experiment's first run fails at once
+        await wait_until(pilot, lambda: len(X.list_experiments(runs)) + len(X.list_experiments(elsewhere)) == 2
+                         and app.experiment is None and not app.busy)
+    assert not elsewhere.exists()
+    assert [e.settings.batch_size for _, e, _ in X.list_experiments(runs)] == [16, 8]

@@ -571,7 +571,8 @@ def test_an_error_in_the_interface_stops_the_run_with_a_checkpoint_and_says_why(
 async def test_keys_and_the_quit_dialog_fit_80_columns(tmp_path):
     from tui.keybar import KeyBar
 
-    app = TransferLabApp(tiny(tmp_path, **LONGER))
+    # aborted below: a run far longer than the test (LONGER's 3 epochs ended under the dialog once)
+    app = TransferLabApp(tiny(tmp_path, **{**LONGER, "epochs": 100}))
     async with app.run_test(size=(80, 24)) as pilot:
         await start_run(pilot, lambda: app.live.status == "running")
         bar = str(app.screen.query_one(KeyBar).render())

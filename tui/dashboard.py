@@ -554,7 +554,8 @@ class DashboardScreen(PlotControlsMixin, Screen):
 
         async def confirmed(yes: Optional[bool]) -> None:
             if yes and exp is not None:
-                await self.app.start_experiment(halved(exp.settings), exp.strategies)
+                # in its runs folder (config): its settings keep the one it was created in, gone if moved
+                await self.app.start_experiment(halved(exp.config(exp.strategies[0])), exp.strategies)
             elif yes:
                 await self.app.start_run(smaller)
 

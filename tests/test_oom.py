@@ -90,6 +90,28 @@ def test_half_of_an_odd_batch_scales_the_learning_rates_by_the_batches_ratio(tin
     assert halved(tiny_cfg.replace(batch_size=1)) is None
 
 
+
+async def an_experiment_out_of_memory(app, pilot, tmp_path):
+    """Start an experiment (frozen, scratch) whose first run runs out of memory; wait until it paused."""
+    from test_tui import tiny, wait_until
+
+    await pilot.pause()
+    assert await app.start_experiment(tiny(tmp_path), ["frozen", "scratch"])
+    await wait_until(pilot, lambda: app.experiment is None and app.live is not None
+                     and app.live.status == ev.FAILED)
+
+
+async def press_h(app, pilot):
+    """`h` on the dashboard once it offers half the batch; returns once it asks."""
+    from test_tui import wait_until
+    from tui.dialogs import ConfirmScreen
+
+    dash = app.dashboard
+    await wait_until(pilot, lambda: app.screen is dash and dash.check_action("half_batch", ()))
+    await pilot.press("h")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+
+
 async def test_in_an_experiment_half_the_batch_runs_the_whole_experiment_again(tmp_path, out_of_memory):
     """Its runs are compared only at one batch size: `h` after a run of an experiment ran out of
     memory starts the experiment again as a new one, every strategy at half the batch (it
@@ -97,18 +119,11 @@ async def test_in_an_experiment_half_the_batch_runs_the_whole_experiment_again(t
     from core import experiment as X
     from test_tui import tiny, wait_until
     from tui.app import TransferLabApp
-    from tui.dialogs import ConfirmScreen
 
     app = TransferLabApp(tiny(tmp_path))
     async with app.run_test(size=(100, 32)) as pilot:
-        await pilot.pause()
-        assert await app.start_experiment(tiny(tmp_path), ["frozen", "scratch"])
-        await wait_until(pilot, lambda: app.experiment is None and app.live is not None
-                         and app.live.status == ev.FAILED)
-        dash = app.dashboard
-        await wait_until(pilot, lambda: app.screen is dash and dash.check_action("half_batch", ()))
-        await pilot.press("h")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await an_experiment_out_of_memory(app, pilot, tmp_path)
+        await press_h(app, pilot)
         question = app.screen.question
         (first,) = [exp for _, exp, _ in X.list_experiments(tmp_path / "runs")]
         assert f"experiment {first.id} (frozen, scratch) again" in question and "batch size 8 (was 16)" in question
@@ -132,23 +147,16 @@ async def test_half_the_batch_of_an_experiment_stays_in_its_runs_folder(tmp_path
     from core.store import atomic_write_json
     from test_tui import tiny, wait_until
     from tui.app import TransferLabApp
-    from tui.dialogs import ConfirmScreen
 
     runs, elsewhere = tmp_path / "runs", tmp_path / "moved-from" / "runs"
     app = TransferLabApp(tiny(tmp_path))
     async with app.run_test(size=(100, 32)) as pilot:
-        await pilot.pause()
-        assert await app.start_experiment(tiny(tmp_path), ["frozen", "scratch"])
-        await wait_until(pilot, lambda: app.experiment is None and app.live is not None
-                         and app.live.status == ev.FAILED)
+        await an_experiment_out_of_memory(app, pilot, tmp_path)
         (first,) = [exp for _, exp, _ in X.list_experiments(runs)]
         data = json.loads((first.path / X.FILE).read_text())
         data["settings"]["runs_dir"] = str(elsewhere)  # created there, then the folder was moved here
         atomic_write_json(first.path / X.FILE, data)
-        dash = app.dashboard
-        await wait_until(pilot, lambda: app.screen is dash and dash.check_action("half_batch", ()))
-        await pilot.press("h")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await press_h(app, pilot)
         await pilot.press("y")  # still out of memory: the new experiment's first run fails at once
         await wait_until(pilot, lambda: len(X.list_experiments(runs)) + len(X.list_experiments(elsewhere)) == 2
                          and app.experiment is None and not app.busy)

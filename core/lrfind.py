@@ -186,33 +186,33 @@ def lr_find(cfg: RunConfig, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     points: List[SweepPoint] = []
     stopped, why, best = FINISHED, "", math.inf
     avg, started = 0.0, time.monotonic()
-    for i, (lr, idx) in enumerate(zip(lrs, order), 1):
-        if cancel is not None and cancel.is_set():
-            stopped, why = CANCELLED, f"cancelled after {i - 1} of {planned} step{'s' * (planned != 1)}"
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr) * scale[group["name"]]
-        x = transform(p.train.images[idx], True, rng)
-        y = flow.tensor(p.train.labels[idx], device=p.device)
-        with batched_small_convs(model, p.device):  # the trainer's CPU speed-up (core.cpu_conv)
+    with batched_small_convs(model, p.device):  # the trainer's CPU speed-up (core.cpu_conv)
+        for i, (lr, idx) in enumerate(zip(lrs, order), 1):
+            if cancel is not None and cancel.is_set():
+                stopped, why = CANCELLED, f"cancelled after {i - 1} of {planned} step{'s' * (planned != 1)}"
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr) * scale[group["name"]]
+            x = transform(p.train.images[idx], True, rng)
+            y = flow.tensor(p.train.labels[idx], device=p.device)
             loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        value = float(loss.item())
-        if not math.isfinite(value):
-            stopped, why = NOT_FINITE, f"stopped at lr {format_lr(lr)}: the loss became {value}"
-            break
-        avg = SMOOTHING * avg + (1 - SMOOTHING) * value
-        smoothed = avg / (1 - SMOOTHING ** i)
-        points.append(SweepPoint(i, float(lr), value, smoothed))
-        if on_step is not None:
-            on_step(SweepProgress(points[-1], planned, {g["name"]: g["lr"] for g in optimizer.param_groups}))
-        best = min(best, smoothed)
-        if smoothed > DIVERGED * best:
-            stopped, why = DIVERGING, (f"stopped at lr {format_lr(lr)}: the smoothed loss exceeded "
-                                       f"{DIVERGED:g}x its lowest")
-            break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            value = float(loss.item())
+            if not math.isfinite(value):
+                stopped, why = NOT_FINITE, f"stopped at lr {format_lr(lr)}: the loss became {value}"
+                break
+            avg = SMOOTHING * avg + (1 - SMOOTHING) * value
+            smoothed = avg / (1 - SMOOTHING ** i)
+            points.append(SweepPoint(i, float(lr), value, smoothed))
+            if on_step is not None:
+                on_step(SweepProgress(points[-1], planned, {g["name"]: g["lr"] for g in optimizer.param_groups}))
+            best = min(best, smoothed)
+            if smoothed > DIVERGED * best:
+                stopped, why = DIVERGING, (f"stopped at lr {format_lr(lr)}: the smoothed loss exceeded "
+                                           f"{DIVERGED:g}x its lowest")
+                break
     suggestion, reason = suggest([pt.lr for pt in points], [pt.smoothed for pt in points])
     if stopped == FINISHED:
         why = f"{len(points)} step{'s' * (len(points) != 1)}, lr {format_lr(lrs[0])} to {format_lr(lrs[-1])}"
